@@ -1,0 +1,39 @@
+# fastrdrop: `make help` lists the targets.
+PYTHON     ?= python3
+VENV       ?= .venv
+# torch is installed before the package, so that its torch>=2.4 requirement is already met
+TORCH_SPEC ?= torch==2.13.0
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.installed
+
+.PHONY: help install test lint bench gpu-check clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml CMakeLists.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)  ## create .venv with torch, then fastrdrop (editable) and its dev tools
+
+test: $(STAMP)  ## run the tests (without a GPU the Triton kernels run under the interpreter)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)  ## ruff
+	$(VENV)/bin/ruff check .
+
+bench: $(STAMP)  ## benchmark every provider on this machine; prints the table, writes results
+	$(PY) -m benchmarks
+
+# On a GPU machine whose Python already has torch and triton (nothing is downloaded there).
+gpu-check:  ## install into the current Python, run the tests on CUDA, then the GPU benchmarks
+	$(PYTHON) -m pip install --quiet --no-build-isolation --no-deps .
+	cd tests && $(PYTHON) -m pytest -q -p no:cacheprovider --rootdir=.. ..
+	$(PYTHON) -m benchmarks
+
+clean:  ## remove the virtual environment and build outputs
+	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis

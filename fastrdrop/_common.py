@@ -1,0 +1,135 @@
+"""What every backend shares: the result type, argument checks and the reduction."""
+
+import math
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+REDUCTIONS = ("mean", "sum", "none", "batchmean")
+BACKENDS = ("auto", "triton", "native", "torch")
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class RDropParts(NamedTuple):
+    """The loss and its parts, each reduced like the loss. ``kl`` is not multiplied by ``alpha``."""
+
+    loss: Tensor
+    ce1: Tensor
+    ce2: Tensor
+    kl: Tensor
+
+
+def _shape(t: Tensor) -> list[int]:
+    return list(t.shape)
+
+
+def check_args(
+    logits1: Tensor,
+    logits2: Tensor,
+    target: Optional[Tensor],
+    *,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+) -> None:
+    """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync)."""
+    for name, t in (("logits1", logits1), ("logits2", logits2)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if logits1.dim() == 0 or logits1.shape[-1] == 0:
+        raise ValueError(
+            f"logits1 must have shape [..., V] with V >= 1 (the vocabulary), got {_shape(logits1)}"
+        )
+    if logits2.shape != logits1.shape:
+        raise ValueError(
+            f"logits2 must have the same shape as logits1 ({_shape(logits1)}), "
+            f"got {_shape(logits2)}"
+        )
+    if logits2.dtype != logits1.dtype:
+        raise TypeError(
+            f"logits2 must have the same dtype as logits1 ({logits1.dtype}), got {logits2.dtype}"
+        )
+    if logits2.device != logits1.device:
+        raise ValueError(
+            f"logits2 must be on the same device as logits1 ({logits1.device}), "
+            f"got {logits2.device}"
+        )
+    if target is not None:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
+        if target.shape != logits1.shape[:-1]:
+            raise ValueError(
+                f"target must have shape {_shape(logits1)[:-1]} (logits1's shape without the "
+                f"vocabulary), got {_shape(target)}"
+            )
+        if target.device != logits1.device:
+            raise ValueError(
+                f"target must be on the same device as logits1 ({logits1.device}), "
+                f"got {target.device}"
+            )
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_real("alpha", alpha)
+    if alpha < 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
+    _check_real("label_smoothing", label_smoothing)
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+    if softcap is not None:
+        _check_real("softcap", softcap)
+        if softcap <= 0:
+            raise ValueError(f"softcap must be None or > 0, got {softcap}")
+
+
+def _check_real(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+
+
+def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index: int) -> None:
+    """Labels must lie in [0, V) or equal ignore_index. Reads the labels (a device sync on GPU)."""
+    if target is None or target.numel() == 0:
+        return
+    bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
+    if bool(bad.any()):
+        example = int(target[bad].flatten()[0])
+        raise ValueError(
+            f"target has labels outside [0, V={vocab_size}) that are not "
+            f"ignore_index={ignore_index}, e.g. {example}"
+        )
+
+
+def row_weights(
+    target: Optional[Tensor], batch_shape: torch.Size, ignore_index: int, reduction: str,
+    device: torch.device, dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """w [n_rows] such that the loss is sum_r w_r * loss_r for "mean", "sum" and
+    "batchmean", and w_r * loss_r per token for "none"; w_r = 0 on ignored tokens. "batchmean"
+    divides by the first dimension of the logits (1 for logits of shape [V])."""
+    if target is None:
+        counted = torch.ones(batch_shape.numel(), dtype=dtype, device=device)
+    else:
+        counted = (target.reshape(-1) != ignore_index).to(dtype)
+    if reduction == "mean":
+        return counted / counted.sum().clamp(min=1.0)  # 0, not NaN, when no token counts
+    if reduction == "batchmean":
+        return counted / max(batch_shape[0] if batch_shape else 1, 1)
+    return counted
+
+
+def reduce_rows(rows: Tensor, weights: Tensor, reduction: str, batch_shape: torch.Size) -> Tensor:
+    """Reduce per-token values ``rows [n_rows]`` with ``weights`` from row_weights."""
+    if reduction == "none":
+        return (rows * weights).reshape(batch_shape)
+    return (rows * weights).sum()

@@ -1,0 +1,181 @@
+"""Public API: ``rdrop_loss``, ``RDropLoss`` and the choice of backend."""
+
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from ._common import BACKENDS, KERNEL_DTYPES, RDropParts, check_args, reduce_rows, row_weights
+
+
+def rdrop_loss(
+    logits1: Tensor,
+    logits2: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    inplace_backward: bool = False,
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, RDropParts]:
+    """R-Drop loss ``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``.
+
+    Computed per token in one streaming pass over each row of logits, reduced, with gradients to
+    both logits.
+
+    Args:
+        logits1: [..., V] logits of the first pass (fp32, bf16 or fp16; any row stride).
+        logits2: [..., V] logits of the second pass; same shape, dtype and device as ``logits1``.
+        target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
+        alpha: weight of the symmetric KL term, >= 0.
+        ignore_index: label of tokens that contribute to neither CE nor KL.
+        reduction: "mean" (over counted tokens; 0 when none counts), "sum", "none" (per-token
+            loss of shape [...], 0 where ignored) or "batchmean" (the sum over
+            ``logits1.shape[0]``).
+        label_smoothing: eps in [0, 1), as in ``torch.nn.functional.cross_entropy``.
+        softcap: c > 0 applies ``c * tanh(z / c)`` to the logits first; None for none.
+        inplace_backward: overwrite the logits' storage with their gradients during the forward
+            pass, so that no [N, V] gradient buffer is allocated. The logits hold gradients
+            afterwards; only ``loss`` carries gradient (the parts are detached).
+        return_parts: return ``RDropParts(loss, ce1, ce2, kl)``, each reduced like the loss,
+            ``kl`` not multiplied by ``alpha``.
+        backend: "auto" (Triton on GPU tensors, the native kernel on CPU tensors when built, the
+            PyTorch reference otherwise), "triton", "native" or "torch".
+
+    Returns:
+        float32 loss: a scalar, or [...] with ``reduction="none"``; or ``RDropParts`` of them.
+        The ``torch`` backend returns float64 for float64 logits.
+    """
+    check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
+               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    backend = _resolve_backend(backend, logits1)
+    if backend == "torch":
+        return reference.rdrop_loss(
+            logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+            return_parts=return_parts)
+
+    batch_shape = logits1.shape[:-1]
+    z1 = _rows(logits1, "logits1", inplace_backward)
+    z2 = _rows(logits2, "logits2", inplace_backward)
+    if inplace_backward and (logits1 is logits2 or not torch.compiler.is_compiling()
+                             and z1.numel() > 0 and z1.data_ptr() == z2.data_ptr()):
+        raise ValueError("logits2 must not be the same memory as logits1 when "
+                         "inplace_backward=True: each gets its own gradient")
+    labels = None if target is None else target.reshape(-1)
+    weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
+    softcap = None if softcap is None else float(softcap)
+    kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
+    needs_grad = torch.is_grad_enabled() and (logits1.requires_grad or logits2.requires_grad)
+
+    if inplace_backward and needs_grad:
+        weighted_rows, parts = ops.RDropInplaceFunction.apply(
+            z1, z2, labels, weights, float(alpha), *kernel_args)
+        loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()
+    else:
+        parts = ops.RDropFunction.apply(z1, z2, labels, *kernel_args)
+        loss = reduce_rows(parts[0] + parts[1] + alpha * parts[2], weights, reduction,
+                           batch_shape)
+    if return_parts:
+        ce1, ce2, kl = (reduce_rows(p, weights, reduction, batch_shape) for p in parts)
+        return RDropParts(loss, ce1, ce2, kl)
+    return loss
+
+
+class RDropLoss(nn.Module):
+    """Module form of :func:`rdrop_loss`; the keywords are fixed at construction.
+
+    ``forward(logits1 [..., V], logits2 [..., V], target [...] | None)`` returns what
+    :func:`rdrop_loss` returns with these keywords.
+    """
+
+    def __init__(
+        self,
+        *,
+        alpha: float = 1.0,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        softcap: Optional[float] = None,
+        inplace_backward: bool = False,
+        return_parts: bool = False,
+        backend: str = "auto",
+    ) -> None:
+        super().__init__()
+        self.alpha = alpha
+        self.ignore_index = ignore_index
+        self.reduction = reduction
+        self.label_smoothing = label_smoothing
+        self.softcap = softcap
+        self.inplace_backward = inplace_backward
+        self.return_parts = return_parts
+        self.backend = backend
+
+    def forward(
+        self, logits1: Tensor, logits2: Tensor, target: Optional[Tensor] = None
+    ) -> Union[Tensor, RDropParts]:
+        return rdrop_loss(
+            logits1, logits2, target, alpha=self.alpha, ignore_index=self.ignore_index,
+            reduction=self.reduction, label_smoothing=self.label_smoothing, softcap=self.softcap,
+            inplace_backward=self.inplace_backward, return_parts=self.return_parts,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"alpha={self.alpha}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, "
+                f"backend={self.backend!r}")
+
+
+def _resolve_backend(backend: str, logits: Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    device = logits.device
+    if backend == "auto":
+        if logits.dtype not in KERNEL_DTYPES:
+            return "torch"
+        if device.type != "cpu" and ops.triton_unavailable_reason(device) is None:
+            return "triton"
+        return "torch"
+    if backend == "torch":
+        return backend
+    if logits.dtype not in KERNEL_DTYPES:
+        raise TypeError(
+            f"logits1 must be float32, bfloat16 or float16 for backend={backend!r}, got "
+            f"{logits.dtype} (backend='torch' computes in float64)")
+    if backend == "triton":
+        reason = ops.triton_unavailable_reason(device)
+        if reason is not None:
+            raise ValueError(f"backend='triton' cannot run here: {reason}")
+        return backend
+    raise ValueError("backend='native' cannot run here: the native CPU kernel is not built")
+
+
+def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
+    """[..., V] -> [N, V] with a contiguous last dim: a view whenever the strides allow one."""
+    vocab_size = logits.shape[-1]
+    viewable = _flattens_to_rows(logits)
+    if inplace and not viewable:
+        raise ValueError(
+            f"{name} must be viewable as [N, V] rows with a contiguous last dimension when "
+            f"inplace_backward=True (its gradient is written into its storage), got shape "
+            f"{list(logits.shape)} with strides {list(logits.stride())}")
+    return logits.view(-1, vocab_size) if viewable else logits.reshape(-1, vocab_size).contiguous()
+
+
+def _flattens_to_rows(t: Tensor) -> bool:
+    """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim."""
+    if t.shape[-1] > 1 and t.stride(-1) != 1:
+        return False
+    outer_stride = None  # the stride the next dimension out must have to merge with this one
+    for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1], strict=True))):
+        if size == 1:
+            continue
+        if outer_stride is not None and stride != outer_stride:
+            return False
+        outer_stride = stride * size
+    return True

@@ -1,0 +1,227 @@
+"""Launchers of the fused kernels, the custom ops around them, and the autograd Functions.
+
+Read top to bottom: launchers (allocate, launch), then the ``fastrdrop::`` custom ops (what
+``torch.compile`` sees: opaque, with fake implementations for tracing), then the two autograd
+Functions (default and in-place) that ``fastrdrop.rdrop_loss`` calls.
+"""
+
+import contextlib
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._common import check_target_values
+
+try:
+    import triton
+
+    from . import triton_kernels
+except ImportError:  # no Triton on this platform: the triton backend is unavailable
+    triton = None
+    triton_kernels = None
+
+# A fixed config (autotuning would hide a recompile in every new V): 8192 fp32 lanes per block is
+# 16 per thread with 16 warps, which keeps the two rows' blocks in registers.
+MAX_BLOCK = 8192
+NUM_WARPS = 16
+
+
+def triton_interpreted() -> bool:
+    """True when TRITON_INTERPRET=1 was set before Triton was imported (kernels run on CPU)."""
+    if triton is None:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(triton_kernels._rdrop_fwd_kernel, InterpretedFunction)
+
+
+def triton_unavailable_reason(device: torch.device) -> Optional[str]:
+    """Why the Triton kernels cannot run on ``device``, or None when they can."""
+    if triton is None:
+        return "Triton is not installed"
+    if device.type == "cpu" and not triton_interpreted():
+        return (
+            "the Triton kernels need a GPU tensor; to run them on CPU, set TRITON_INTERPRET=1 "
+            "before importing triton"
+        )
+    if device.type not in ("cpu", "cuda", "xpu"):
+        return f"Triton does not run on {device.type} tensors"
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers: inputs are [n_rows, V] with a contiguous last dim and n_rows >= 1.
+
+
+def _device_guard(t: Tensor):
+    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _block(vocab_size: int) -> int:
+    return min(triton.next_power_of_2(vocab_size), MAX_BLOCK)
+
+
+def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
+                    softcap, alpha, inplace):
+    n_rows, vocab_size = z1.shape
+    with _device_guard(z1):
+        triton_kernels._rdrop_fwd_kernel[(n_rows,)](
+            z1, z2, z1 if target is None else target, parts if row_weight is None else row_weight,
+            parts, stats,
+            n_rows, vocab_size,
+            z1.stride(0), z2.stride(0),
+            ignore_index, label_smoothing, softcap or 1.0, alpha,
+            HAS_TARGET=target is not None, SMOOTHING=label_smoothing > 0,
+            SOFTCAP=softcap is not None, INPLACE=inplace, BLOCK=_block(vocab_size),
+            num_warps=NUM_WARPS,
+        )
+
+
+def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, label_smoothing,
+                     softcap):
+    n_rows, vocab_size = z1.shape
+    with _device_guard(z1):
+        triton_kernels._rdrop_bwd_kernel[(n_rows,)](
+            z1, z2, z1 if target is None else target, stats, grad_parts,
+            dz1, dz2,
+            n_rows, vocab_size,
+            z1.stride(0), z2.stride(0),
+            ignore_index, label_smoothing, softcap or 1.0,
+            HAS_TARGET=target is not None, SMOOTHING=label_smoothing > 0,
+            SOFTCAP=softcap is not None, BLOCK=_block(vocab_size),
+            num_warps=NUM_WARPS,
+        )
+
+
+FORWARD = {"triton": _triton_forward}
+BACKWARD = {"triton": _triton_backward}
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops. Labels are checked here, before any kernel runs, so that the check also runs inside
+# compiled graphs and nothing is written when it fails.
+
+
+@torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
+def rdrop_forward(
+    logits1: Tensor, logits2: Tensor, target: Optional[Tensor], ignore_index: int,
+    label_smoothing: float, softcap: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor]:
+    """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V]."""
+    check_target_values(target, logits1.shape[1], ignore_index)
+    parts, stats = _empty_rows(logits1)
+    if logits1.shape[0] > 0:
+        FORWARD[backend](logits1, logits2, target, None, parts, stats, ignore_index,
+                         label_smoothing, softcap, 0.0, False)
+    return parts, stats
+
+
+@rdrop_forward.register_fake
+def _(logits1, logits2, target, ignore_index, label_smoothing, softcap, backend):
+    return _empty_rows(logits1)
+
+
+@torch.library.custom_op("fastrdrop::rdrop_forward_inplace", mutates_args=("logits1", "logits2"))
+def rdrop_forward_inplace(
+    logits1: Tensor, logits2: Tensor, target: Optional[Tensor], row_weight: Tensor, alpha: float,
+    ignore_index: int, label_smoothing: float, softcap: Optional[float], backend: str,
+) -> Tensor:
+    """Per-row parts [3, N]; overwrites the logits with the gradients of
+    sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r."""
+    check_target_values(target, logits1.shape[1], ignore_index)
+    parts, stats = _empty_rows(logits1)
+    if logits1.shape[0] > 0:
+        FORWARD[backend](logits1, logits2, target, row_weight, parts, stats, ignore_index,
+                         label_smoothing, softcap, alpha, True)
+    return parts
+
+
+@rdrop_forward_inplace.register_fake
+def _(logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing, softcap,
+      backend):
+    return _empty_rows(logits1)[0]
+
+
+@torch.library.custom_op("fastrdrop::rdrop_backward", mutates_args=())
+def rdrop_backward(
+    logits1: Tensor, logits2: Tensor, target: Optional[Tensor], stats: Tensor, grad_parts: Tensor,
+    ignore_index: int, label_smoothing: float, softcap: Optional[float], backend: str,
+) -> tuple[Tensor, Tensor]:
+    """dz1, dz2 [N, V] (contiguous, the logits' dtype) given the upstream gradients of the parts."""
+    dz1 = torch.empty(logits1.shape, dtype=logits1.dtype, device=logits1.device)
+    dz2 = torch.empty(logits2.shape, dtype=logits2.dtype, device=logits2.device)
+    if logits1.shape[0] > 0:
+        BACKWARD[backend](logits1, logits2, target, stats, grad_parts, dz1, dz2, ignore_index,
+                          label_smoothing, softcap)
+    return dz1, dz2
+
+
+@rdrop_backward.register_fake
+def _(logits1, logits2, target, stats, grad_parts, ignore_index, label_smoothing, softcap,
+      backend):
+    return torch.empty_like(logits1, memory_format=torch.contiguous_format), torch.empty_like(
+        logits2, memory_format=torch.contiguous_format)
+
+
+def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
+    n_rows = logits.shape[0]
+    parts = torch.empty((3, n_rows), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((5, n_rows), dtype=torch.float32, device=logits.device)
+    return parts, stats
+
+
+# ---------------------------------------------------------------------------------------------
+# Autograd. The default Function keeps the inputs and O(N) stats for a backward pass that
+# recomputes p and q; the in-place one has written the gradients into the logits already.
+
+
+class RDropFunction(torch.autograd.Function):
+    """(z1 [N, V], z2 [N, V], target [N] | None, ...) -> parts [3, N] = (CE_1, CE_2, symKL)."""
+
+    @staticmethod
+    def forward(ctx, logits1, logits2, target, ignore_index, label_smoothing, softcap, backend):
+        parts, stats = rdrop_forward(logits1, logits2, target, ignore_index, label_smoothing,
+                                     softcap, backend)
+        ctx.save_for_backward(logits1, logits2, target, stats)
+        ctx.kernel_args = (ignore_index, label_smoothing, softcap, backend)
+        return parts
+
+    @staticmethod
+    def backward(ctx, grad_parts):
+        logits1, logits2, target, stats = ctx.saved_tensors
+        dz1, dz2 = rdrop_backward(logits1, logits2, target, stats,
+                                  grad_parts.float().contiguous(), *ctx.kernel_args)
+        needs = ctx.needs_input_grad
+        return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 5
+
+
+class RDropInplaceFunction(torch.autograd.Function):
+    """(z1, z2, target, row_weight [N], alpha, ...) -> (row_weight * (CE_1 + CE_2 + alpha symKL)
+    [N], parts [3, N] without gradient). The gradients go into the storage of z1 and z2."""
+
+    @staticmethod
+    def forward(ctx, logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
+                softcap, backend):
+        parts = rdrop_forward_inplace(logits1, logits2, target, row_weight, alpha, ignore_index,
+                                      label_smoothing, softcap, backend)
+        # The kernel wrote through raw pointers: make autograd see it, so that an op that saved
+        # the logits for its own backward fails loudly instead of reading gradients.
+        torch.autograd.graph.increment_version(logits1)
+        torch.autograd.graph.increment_version(logits2)
+        # Kept as detached aliases, not saved tensors: the logits now hold the gradients, and
+        # unpacking a saved view whose storage changed would fail for views made by chunk/split.
+        ctx.grads = (logits1.detach(), logits2.detach())
+        ctx.mark_non_differentiable(parts)
+        return row_weight * (parts[0] + parts[1] + alpha * parts[2]), parts
+
+    @staticmethod
+    def backward(ctx, grad_rows, _grad_parts):
+        dz1, dz2 = ctx.grads
+        if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
+            grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
+        if torch.compiler.is_compiling() or grad_rows.numel() != 1 or grad_rows.item() != 1.0:
+            scale = grad_rows.reshape(-1, 1)
+            dz1.mul_(scale)
+            dz2.mul_(scale)
+        return dz1, dz2, *[None] * 7

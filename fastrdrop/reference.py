@@ -1,0 +1,91 @@
+"""R-Drop loss in plain PyTorch, written to be read.
+
+The textbook composition (log_softmax, kl_div, cross entropy) with the full semantics of
+``fastrdrop.rdrop_loss``. It serves as the ``backend="torch"`` path, as the baseline of the tests
+and as the eager provider of the benchmarks. It materialises several [N, V] tensors: it is the
+thing the fused kernels replace, not a fast path.
+"""
+
+from typing import Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ._common import RDropParts, check_args, check_target_values, reduce_rows, row_weights
+
+
+def rdrop_loss(
+    logits1: Tensor,
+    logits2: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    return_parts: bool = False,
+) -> Union[Tensor, RDropParts]:
+    """``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``, per token, reduced.
+
+    Same arguments and results as :func:`fastrdrop.rdrop_loss`. Computes in float32 (float64 for
+    float64 logits) whatever the input dtype.
+    """
+    check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
+               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    vocab_size = logits1.shape[-1]
+    check_target_values(target, vocab_size, ignore_index)
+    compute_dtype = torch.promote_types(logits1.dtype, torch.float32)
+    z1 = logits1.reshape(-1, vocab_size).to(compute_dtype)
+    z2 = logits2.reshape(-1, vocab_size).to(compute_dtype)
+
+    # A position where both logits are -inf (a masked vocabulary entry) is not part of the row.
+    absent = torch.isneginf(z1) & torch.isneginf(z2)
+    if softcap is not None:
+        z1 = (softcap * torch.tanh(z1 / softcap)).masked_fill(absent, float("-inf"))
+        z2 = (softcap * torch.tanh(z2 / softcap)).masked_fill(absent, float("-inf"))
+
+    # log p at absent positions is set to 0 (any finite value would do): p = 0 there, so every term
+    # that holds it is multiplied by 0, and 0 * -inf would be NaN.
+    logp1 = F.log_softmax(z1, dim=-1).masked_fill(absent, 0.0)
+    logp2 = F.log_softmax(z2, dim=-1).masked_fill(absent, 0.0)
+
+    # symKL = 1/2 (KL(p1 || p2) + KL(p2 || p1)); kl_div(input=log q, target=log p) is sum p log(p/q)
+    kl_12 = F.kl_div(logp2, logp1, reduction="none", log_target=True).sum(-1)
+    kl_21 = F.kl_div(logp1, logp2, reduction="none", log_target=True).sum(-1)
+    kl = 0.5 * (kl_12 + kl_21)
+
+    if target is None:
+        ce1 = ce2 = torch.zeros_like(kl)
+    else:
+        labels = target.reshape(-1)
+        counted = labels != ignore_index
+        n_present = (~absent).sum(-1)
+        ce1 = _cross_entropy(logp1, labels, counted, n_present, ignore_index, label_smoothing)
+        ce2 = _cross_entropy(logp2, labels, counted, n_present, ignore_index, label_smoothing)
+        kl = torch.where(counted, kl, 0.0)  # an ignored token contributes to neither term
+
+    batch_shape = logits1.shape[:-1]
+    weights = row_weights(target, batch_shape, ignore_index, reduction, kl.device, compute_dtype)
+
+    def reduce(rows: Tensor) -> Tensor:
+        return reduce_rows(rows, weights, reduction, batch_shape)
+
+    loss = reduce(ce1 + ce2 + alpha * kl)
+    if return_parts:
+        return RDropParts(loss, reduce(ce1), reduce(ce2), reduce(kl))
+    return loss
+
+
+def _cross_entropy(
+    logp: Tensor, labels: Tensor, counted: Tensor, n_present: Tensor, ignore_index: int,
+    label_smoothing: float,
+) -> Tensor:
+    """Per-token cross entropy against (1 - eps) one_hot(y) + eps * uniform over the present
+    entries of the row; 0 where ignored. Without masked entries this is F.cross_entropy's."""
+    nll = F.nll_loss(logp, labels, ignore_index=ignore_index, reduction="none")
+    if label_smoothing == 0.0:
+        return nll
+    smooth = -logp.sum(-1) / n_present
+    return torch.where(counted, (1.0 - label_smoothing) * nll + label_smoothing * smooth, 0.0)

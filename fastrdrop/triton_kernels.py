@@ -1,0 +1,249 @@
+"""Triton kernels of the fused R-Drop loss: only ``@triton.jit`` code lives here.
+
+Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after the optional softcap
+``z = c * tanh(x / c)``; ``e_y`` is the one-hot of the label ``y``; ``eps`` the label smoothing:
+
+    lse_k = log sum exp z_k        p = exp(z1 - lse1)        q = exp(z2 - lse2)        D = z1 - z2
+    CE_k  = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+    symKL = 1/2 sum (p - q) D = 1/2 (E_p[D] - E_q[D])                  (because sum p - q = 0)
+
+    dz1 = c_ce1 (p - (1 - eps) e_y - eps / V') + c_kl / 2 (p (D - E_p[D]) + p - q)
+    dz2 = c_ce2 (q - (1 - eps) e_y - eps / V') - c_kl / 2 (q (D - E_q[D]) + p - q)
+
+``c_ce1, c_ce2, c_kl`` are the row's upstream gradients of ``CE_1, CE_2, symKL``. With softcap the
+gradient is multiplied by ``1 - (z / c)^2``. A position where both raw logits are -inf (a masked
+vocabulary entry) is absent from the row: it adds nothing to any sum, gets gradient 0, and ``V'``
+counts the present positions only. All math is fp32 whatever the input dtype.
+
+Per-row statistics kept for the backward pass (``stats``, shape [5, n_rows]):
+``lse1, lse2, E_p[D], E_q[D], V'``. Per-row loss parts (``parts``, shape [3, n_rows]):
+``CE_1, CE_2, symKL``, all 0 for an ignored row.
+"""
+
+import triton
+import triton.language as tl
+
+NEG_INF: tl.constexpr = float("-inf")
+
+
+@triton.jit
+def _softcap(x, softcap):
+    # c * tanh(x / c), with tanh written through exp so that it also runs under the interpreter
+    e = tl.exp(-2.0 * tl.abs(x / softcap))
+    t = (1.0 - e) / (1.0 + e)
+    return softcap * tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP: tl.constexpr):
+    """One vocabulary block of both rows as fp32, softcapped, with its mask of present positions."""
+    in_row = offs < V
+    z1 = tl.load(z1_row_ptr + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+    z2 = tl.load(z2_row_ptr + offs, mask=in_row, other=NEG_INF).to(tl.float32)
+    present = (z1 != NEG_INF) | (z2 != NEG_INF)  # lanes past V load -inf twice: absent too
+    if SOFTCAP:
+        z1 = tl.where(present, _softcap(z1, softcap), NEG_INF)
+        z2 = tl.where(present, _softcap(z2, softcap), NEG_INF)
+    return z1, z2, present
+
+
+@triton.jit
+def _store_grad(ptr, x, mask):
+    # fp32 -> the logits' dtype, rounding to nearest even. For bf16 the rounding is done on the
+    # bits (add half an ulp, ties to even, then cut): the GPU's conversion does the same, and
+    # Triton's interpreter would truncate instead.
+    if ptr.dtype.element_ty == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        x = bits.to(tl.float32, bitcast=True)
+    tl.store(ptr, x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK: tl.constexpr):
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        zeros = tl.zeros([BLOCK], dtype=tl.float32)
+        tl.store(dz1_row_ptr + offs, zeros.to(dz1_row_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(dz2_row_ptr + offs, zeros.to(dz2_row_ptr.dtype.element_ty), mask=offs < V)
+
+
+@triton.jit
+def _row_stats(z1_row_ptr, z2_row_ptr, y, V, eps, softcap,
+               HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """One streaming pass over a row: (CE_1, CE_2, symKL, lse1, lse2, E_p[D], E_q[D], V')."""
+    # 1. online max m_k, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) * D, over vocab blocks
+    m1 = NEG_INF
+    m2 = NEG_INF
+    s1 = 0.0
+    s2 = 0.0
+    t1 = 0.0
+    t2 = 0.0
+    sum_z1 = 0.0
+    sum_z2 = 0.0
+    n_present = 0.0
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
+        d = tl.where(present, z1 - z2, 0.0)
+        m1_new = tl.maximum(m1, tl.max(z1, 0))
+        m2_new = tl.maximum(m2, tl.max(z2, 0))
+        # shift by 0 while a row has seen nothing present, so that -inf - -inf never happens
+        shift1 = tl.where(m1_new == NEG_INF, 0.0, m1_new)
+        shift2 = tl.where(m2_new == NEG_INF, 0.0, m2_new)
+        e1 = tl.exp(z1 - shift1)
+        e2 = tl.exp(z2 - shift2)
+        rescale1 = tl.exp(m1 - shift1)
+        rescale2 = tl.exp(m2 - shift2)
+        s1 = s1 * rescale1 + tl.sum(e1, 0)
+        s2 = s2 * rescale2 + tl.sum(e2, 0)
+        # 0 * inf := 0: a zero probability adds nothing even where D is infinite
+        t1 = t1 * rescale1 + tl.sum(tl.where(e1 > 0, e1 * d, 0.0), 0)
+        t2 = t2 * rescale2 + tl.sum(tl.where(e2 > 0, e2 * d, 0.0), 0)
+        m1 = m1_new
+        m2 = m2_new
+        if SMOOTHING:
+            sum_z1 += tl.sum(tl.where(present, z1, 0.0), 0)
+            sum_z2 += tl.sum(tl.where(present, z2, 0.0), 0)
+        n_present += tl.sum(present.to(tl.float32), 0)
+
+    # 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2
+    lse1 = m1 + tl.log(s1)
+    lse2 = m2 + tl.log(s2)
+    ep = t1 / s1
+    eq = t2 / s2
+    kl = 0.5 * (ep - eq)
+
+    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+    ce1 = 0.0
+    ce2 = 0.0
+    if HAS_TARGET:
+        zy1 = tl.load(z1_row_ptr + y).to(tl.float32)
+        zy2 = tl.load(z2_row_ptr + y).to(tl.float32)
+        if SOFTCAP:
+            zy1 = _softcap(zy1, softcap)
+            zy2 = _softcap(zy2, softcap)
+        ce1 = lse1 - (1.0 - eps) * zy1
+        ce2 = lse2 - (1.0 - eps) * zy2
+        if SMOOTHING:
+            ce1 -= eps / n_present * sum_z1
+            ce2 -= eps / n_present * sum_z2
+    return ce1, ce2, kl, lse1, lse2, ep, eq, n_present
+
+
+@triton.jit
+def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, V,
+               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap,
+               HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+               BLOCK: tl.constexpr):
+    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2)."""
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
+        p = tl.exp(z1 - lse1)
+        q = tl.exp(z2 - lse2)
+        d = z1 - z2
+        # KL part: dz1 = c_kl/2 (p (D - E_p[D]) + p - q), dz2 = -c_kl/2 (q (D - E_q[D]) + p - q)
+        p_d = tl.where(p > 0, p * (d - ep), 0.0)
+        q_d = tl.where(q > 0, q * (d - eq), 0.0)
+        dz1 = 0.5 * c_kl * (p_d + p - q)
+        dz2 = -0.5 * c_kl * (q_d + p - q)
+        if HAS_TARGET:
+            # CE part: c_ce (p - (1 - eps) e_y - eps / V'), the true-class term in fp32
+            on_label = tl.where(offs == y, 1.0 - eps, 0.0)
+            if SMOOTHING:
+                on_label += eps / n_present
+            dz1 += c_ce1 * (p - on_label)
+            dz2 += c_ce2 * (q - on_label)
+        if SOFTCAP:
+            # d/dx c tanh(x / c) = 1 - (z / c)^2
+            dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
+            dz2 *= 1.0 - (z2 / softcap) * (z2 / softcap)
+        dz1 = tl.where(present, dz1, 0.0)
+        dz2 = tl.where(present, dz2, 0.0)
+        _store_grad(dz1_row_ptr + offs, dz1, offs < V)
+        _store_grad(dz2_row_ptr + offs, dz2, offs < V)
+
+
+@triton.jit
+def _rdrop_fwd_kernel(
+    z1_ptr, z2_ptr, target_ptr, row_weight_ptr,       # inputs
+    parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [5, n_rows] fp32
+    n_rows, V,                                         # shapes
+    z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
+    ignore_index, eps, softcap, alpha,                 # loss parameters
+    HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+    INPLACE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row. INPLACE: also write into z1, z2 the gradients of
+    row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over the row."""
+    row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
+    z1_row_ptr = z1_ptr + row * z1_row_stride
+    z2_row_ptr = z2_ptr + row * z2_row_stride
+
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(target_ptr + row).to(tl.int64)
+        if y == ignore_index:
+            for k in range(3):
+                tl.store(parts_ptr + k * n_rows + row, 0.0)
+            for k in range(5):
+                tl.store(stats_ptr + k * n_rows + row, 0.0)
+            if INPLACE:
+                _fill_zeros(z1_row_ptr, z2_row_ptr, V, BLOCK)
+            return
+
+    ce1, ce2, kl, lse1, lse2, ep, eq, n_present = _row_stats(
+        z1_row_ptr, z2_row_ptr, y, V, eps, softcap, HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)
+    tl.store(parts_ptr + row, ce1)
+    tl.store(parts_ptr + n_rows + row, ce2)
+    tl.store(parts_ptr + 2 * n_rows + row, kl)
+    tl.store(stats_ptr + row, lse1)
+    tl.store(stats_ptr + n_rows + row, lse2)
+    tl.store(stats_ptr + 2 * n_rows + row, ep)
+    tl.store(stats_ptr + 3 * n_rows + row, eq)
+    tl.store(stats_ptr + 4 * n_rows + row, n_present)
+
+    if INPLACE:
+        w = tl.load(row_weight_ptr + row)  # c_ce1 = c_ce2 = w (unused without target), c_kl = a w
+        _row_grads(z1_row_ptr, z2_row_ptr, z1_row_ptr, z2_row_ptr, y, V,
+                   lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap,
+                   HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)
+
+
+@triton.jit
+def _rdrop_bwd_kernel(
+    z1_ptr, z2_ptr, target_ptr, stats_ptr, grad_parts_ptr,   # inputs
+    dz1_ptr, dz2_ptr,                                        # outputs, contiguous [n_rows, V]
+    n_rows, V,                                               # shapes
+    z1_row_stride, z2_row_stride,                            # strides (the last dim is contiguous)
+    ignore_index, eps, softcap,                              # loss parameters
+    HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One program per row: dz1, dz2 from the saved stats and the parts' upstream gradients."""
+    row = tl.program_id(0).to(tl.int64)
+    z1_row_ptr = z1_ptr + row * z1_row_stride
+    z2_row_ptr = z2_ptr + row * z2_row_stride
+    dz1_row_ptr = dz1_ptr + row * V
+    dz2_row_ptr = dz2_ptr + row * V
+
+    y = 0
+    if HAS_TARGET:
+        y = tl.load(target_ptr + row).to(tl.int64)
+        if y == ignore_index:
+            _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
+            return
+
+    lse1 = tl.load(stats_ptr + row)
+    lse2 = tl.load(stats_ptr + n_rows + row)
+    ep = tl.load(stats_ptr + 2 * n_rows + row)
+    eq = tl.load(stats_ptr + 3 * n_rows + row)
+    n_present = tl.load(stats_ptr + 4 * n_rows + row)
+    c_ce1 = tl.load(grad_parts_ptr + row)
+    c_ce2 = tl.load(grad_parts_ptr + n_rows + row)
+    c_kl = tl.load(grad_parts_ptr + 2 * n_rows + row)
+    _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, V,
+               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap,
+               HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)

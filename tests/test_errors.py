@@ -1,0 +1,102 @@
+"""Bad input: the exception type, the argument named in the message, the inputs unchanged."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastrdrop
+
+from conftest import fused_backends
+from inputs import labels, logits_pair
+
+N, V = 4, 300
+
+
+def call_args():
+    z1, z2 = logits_pair((N, V), torch.float32)
+    return dict(logits1=z1.requires_grad_(), logits2=z2.requires_grad_(), target=labels((N,), V))
+
+
+# (name, change to the arguments, exception type, words the message must hold)
+BAD_INPUTS = [
+    ("logits not a tensor", lambda a: a.update(logits1=[[1.0, 2.0]]), TypeError, "logits1"),
+    ("integer logits", lambda a: a.update(logits2=torch.ones(N, V, dtype=torch.long)),
+     TypeError, "logits2 must be a floating-point"),
+    ("shape mismatch", lambda a: a.update(logits2=a["logits2"].detach()[:, :-1]), ValueError,
+     "logits2 must have the same shape"),
+    ("dtype mismatch", lambda a: a.update(logits2=a["logits2"].detach().double()), TypeError,
+     "logits2 must have the same dtype"),
+    ("empty vocabulary", lambda a: a.update(logits1=a["logits1"].detach()[:, :0],
+                                            logits2=a["logits2"].detach()[:, :0]),
+     ValueError, "logits1 must have shape [..., V] with V >= 1"),
+    ("scalar logits", lambda a: a.update(logits1=torch.tensor(1.0), logits2=torch.tensor(1.0)),
+     ValueError, "logits1"),
+    ("float target", lambda a: a.update(target=a["target"].float()), TypeError, "target"),
+    ("target shape", lambda a: a.update(target=a["target"][:-1]), ValueError,
+     "target must have shape [4]"),
+    ("label too large", lambda a: a["target"].__setitem__(1, V), ValueError,
+     f"target has labels outside [0, V={V})"),
+    ("negative label", lambda a: a["target"].__setitem__(2, -1), ValueError, "ignore_index=-100"),
+    ("unknown reduction", lambda a: a.update(reduction="avg"), ValueError, "reduction"),
+    ("negative alpha", lambda a: a.update(alpha=-0.1), ValueError, "alpha must be >= 0"),
+    ("alpha not a number", lambda a: a.update(alpha="1"), TypeError, "alpha"),
+    ("smoothing of 1", lambda a: a.update(label_smoothing=1.0), ValueError, "label_smoothing"),
+    ("negative smoothing", lambda a: a.update(label_smoothing=-0.1), ValueError,
+     "label_smoothing"),
+    ("zero softcap", lambda a: a.update(softcap=0.0), ValueError, "softcap"),
+    ("ignore_index float", lambda a: a.update(ignore_index=-100.0), TypeError, "ignore_index"),
+    ("unknown backend", lambda a: a.update(backend="cuda"), ValueError, "backend"),
+]
+
+
+@pytest.mark.parametrize("backend", ["torch", *fused_backends()])
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input(case, inplace, backend):
+    _, change, error, words = case
+    args = dict(call_args(), backend=backend, inplace_backward=inplace)
+    change(args)
+    before = {k: v.detach().clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    with pytest.raises(error) as info:
+        fastrdrop.rdrop_loss(**args)
+    assert words in str(info.value)
+    for name, value in before.items():
+        assert torch.equal(args[name].detach(), value), f"{name} changed by a failed call"
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS[:11], ids=[c[0] for c in BAD_INPUTS[:11]])
+def test_reference_checks_the_same(case):
+    _, change, error, words = case
+    args = call_args()
+    change(args)
+    with pytest.raises(error, match=None) as info:
+        fastrdrop.reference.rdrop_loss(**args)
+    assert words in str(info.value)
+
+
+def test_unavailable_backends_say_why():
+    z1, z2 = logits_pair((N, V), torch.float32)
+    with pytest.raises(ValueError, match="backend='native'"):
+        fastrdrop.rdrop_loss(z1, z2, backend="native")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        fastrdrop.rdrop_loss(z1.double(), z2.double(), backend="triton")
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error():
+    # A fresh process without TRITON_INTERPRET: backend="triton" on CPU tensors says what to do.
+    script = (
+        "import torch, fastrdrop\n"
+        "z = torch.randn(2, 5)\n"
+        "try:\n"
+        "    fastrdrop.rdrop_loss(z, z + 1, backend='triton')\n"
+        "except ValueError as e:\n"
+        "    print(e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         check=True).stdout
+    assert "backend='triton'" in out and "TRITON_INTERPRET=1" in out

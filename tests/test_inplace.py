@@ -1,0 +1,142 @@
+"""inplace_backward: gradients live in the logits' storage; what autograd keeps and allocates."""
+
+import functools
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import fastrdrop
+
+from conftest import DEVICE, fused_backends
+from inputs import labels, logits_pair
+from oracle import assert_oracle_rule, loss_and_grads, oracle_loss
+
+
+class AllocationLog(TorchDispatchMode):
+    """Records the size in bytes of every new storage that an op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
+                  if isinstance(t, torch.Tensor)}
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
+                self.sizes.append(t.untyped_storage().nbytes())
+        return out
+
+
+def forward_backward(backend, z1, z2, target, inplace, grad_output=None, **kwargs):
+    loss = fastrdrop.rdrop_loss(z1, z2, target, backend=backend, inplace_backward=inplace,
+                                **kwargs)
+    return loss, torch.autograd.grad(loss, (z1, z2), grad_output)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_gradients_share_storage_and_nothing_nv_is_allocated(backend):
+    n_rows, vocab_size = 8, 2048
+    h1, h2 = (z.requires_grad_() for z in logits_pair((n_rows, vocab_size), torch.bfloat16))
+    z1, z2 = h1 * 1, h2 * 1  # non-leaf logits, as a model's output would be
+    ptrs = (z1.data_ptr(), z2.data_ptr())
+    one_nv_buffer = n_rows * vocab_size * z1.element_size()
+    with AllocationLog() as log:
+        _, (g1, g2) = forward_backward(backend, z1, z2, labels((n_rows,), vocab_size), True)
+    assert (g1.data_ptr(), g2.data_ptr()) == ptrs
+    assert max(log.sizes) < one_nv_buffer, log.sizes
+
+    # the default mode, by contrast, allocates the two gradients
+    z1, z2 = h1 * 1, h2 * 1
+    with AllocationLog() as log:
+        forward_backward(backend, z1, z2, labels((n_rows,), vocab_size), False)
+    assert sorted(log.sizes)[-2:] == [one_nv_buffer, one_nv_buffer]
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_gradients_of_halves_point_into_the_base(backend):
+    # z1, z2 = halves of one [2N, V] tensor: the gradients handed to autograd are those halves.
+    base = torch.cat(logits_pair((4, 999), torch.float32)).requires_grad_()
+    logits = base * 1
+    z1, z2 = logits.chunk(2)
+    seen = []
+    z1.register_hook(lambda g: seen.append(g.data_ptr()))
+    z2.register_hook(lambda g: seen.append(g.data_ptr()))
+    fastrdrop.rdrop_loss(z1, z2, labels((4,), 999), backend=backend,
+                         inplace_backward=True).backward()
+    assert sorted(seen) == sorted([z1.data_ptr(), z2.data_ptr()])
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none", "batchmean"])
+@pytest.mark.parametrize("grad_scale", ["one", "random"])
+def test_inplace_matches_oracle(backend, dtype, reduction, grad_scale):
+    z1, z2 = logits_pair((2, 3, 1500), dtype, masked=0.1)
+    target = labels((2, 3), 1500, logits=z1)
+    kwargs = dict(reduction=reduction, label_smoothing=0.1, softcap=30.0, alpha=2.0)
+    shape = (2, 3) if reduction == "none" else ()
+    g = torch.ones(shape) if grad_scale == "one" else torch.rand(shape) + 0.5
+    g = g.to(z1.device)
+    fused = loss_and_grads(functools.partial(
+        fastrdrop.rdrop_loss, target=target, backend=backend, inplace_backward=True, **kwargs),
+        z1, z2, g)
+    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, target=target,
+                                             **kwargs), z1, z2, g)
+    truth = loss_and_grads(functools.partial(oracle_loss, target=target, **kwargs),
+                           z1.double(), z2.double(), g)
+    # With grad_output != 1 the in-place gradient is rounded to the dtype twice: in the forward
+    # pass, and again after the scaling in the backward pass.
+    extra = 1 if grad_scale == "random" else 0
+    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
+        assert_oracle_rule(f, e, t, dtype, what, extra_roundings=extra if what != "loss" else 0)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_bumps_the_version_counter(backend):
+    # exp saves its output for backward; overwriting that output must fail loudly.
+    h = torch.randn(6, 300, requires_grad=True, device=DEVICE)
+    logits = h.exp()
+    version = logits._version
+    loss = fastrdrop.rdrop_loss(logits[:3], logits[3:], labels((3,), 300), backend=backend,
+                                inplace_backward=True)
+    assert logits._version > version
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_default_mode_saves_no_nv_temporary(backend):
+    # Autograd keeps the inputs themselves and O(N) statistics, nothing else of size N x V.
+    n_rows, vocab_size = 6, 1000
+    h1, h2 = (z.requires_grad_() for z in logits_pair((n_rows, vocab_size), torch.bfloat16))
+    logits = torch.cat([h1, h2]) * 1
+    z1, z2 = logits[:n_rows], logits[n_rows:]
+    saved = []
+
+    def pack(t):
+        saved.append((t.numel(), t.data_ptr()))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = fastrdrop.rdrop_loss(z1, z2, labels((n_rows,), vocab_size), backend=backend,
+                                    label_smoothing=0.1, softcap=30.0)
+    large = [ptr for numel, ptr in saved if numel >= n_rows * vocab_size]
+    assert sorted(large) == sorted([z1.data_ptr(), z2.data_ptr()])
+    assert all(numel <= 5 * n_rows for numel, ptr in saved if ptr not in large)
+    loss.backward()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_rejects_what_it_cannot_write(backend):
+    z1, z2 = (z.requires_grad_() for z in logits_pair((4, 300), torch.float32))
+    target = labels((4,), 300)
+    transposed = z1.detach().t().contiguous().t().requires_grad_()
+    with pytest.raises(ValueError, match="logits1"):
+        fastrdrop.rdrop_loss(transposed, z2, target, backend=backend, inplace_backward=True)
+    same = z1 * 1
+    with pytest.raises(ValueError, match="logits2 must not be the same memory"):
+        fastrdrop.rdrop_loss(same, same, target, backend=backend, inplace_backward=True)
