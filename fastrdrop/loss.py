@@ -131,16 +131,19 @@ class RDropLoss(nn.Module):
                 f"backend={self.backend!r}")
 
 
+def default_backend(device: torch.device) -> str:
+    """The backend that ``backend="auto"`` runs for fp32, bf16 and fp16 logits on ``device``."""
+    if device.type != "cpu" and ops.triton_unavailable_reason(device) is None:
+        return "triton"
+    return "torch"
+
+
 def _resolve_backend(backend: str, logits: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = logits.device
     if backend == "auto":
-        if logits.dtype not in KERNEL_DTYPES:
-            return "torch"
-        if device.type != "cpu" and ops.triton_unavailable_reason(device) is None:
-            return "triton"
-        return "torch"
+        return default_backend(device) if logits.dtype in KERNEL_DTYPES else "torch"
     if backend == "torch":
         return backend
     if logits.dtype not in KERNEL_DTYPES:

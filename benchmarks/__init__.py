@@ -1,0 +1,1 @@
+"""fastrdrop benchmarks: ``python -m benchmarks`` (the runner) and ``pytest benchmarks``."""

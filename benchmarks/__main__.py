@@ -1,0 +1,103 @@
+"""Benchmark runner: ``python -m benchmarks`` (what ``make bench`` runs).
+
+Sweeps sizes x providers x {fwd, fwd+bwd} on one device, prints a table and writes
+``results.json``, ``results.md`` and PNG plots into ``benchmarks/results/<device>-<date>/``.
+On CPU every case runs in its own process, so that its peak resident memory is its own.
+"""
+
+import argparse
+import itertools
+import json
+import re
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from benchmarks import report
+from benchmarks.measure import (MODES, Case, environment, measure, measure_in_subprocess,
+                                time_copy)
+from benchmarks.providers import PROVIDERS
+
+# DESIGN.md section 6 on a GPU; on 2 CPU cores, sizes that finish in a few minutes.
+GPU_GRID = dict(tokens=[4096, 8192, 16384], vocab=[32000, 128256, 151936, 262144],
+                dtypes=["bfloat16"], repeats=10)
+GPU_FP32 = dict(tokens=[4096], vocab=[32000, 128256, 151936, 262144], dtypes=["float32"])
+CPU_GRID = dict(tokens=[256], vocab=[32000, 131072], dtypes=["float32", "bfloat16"], repeats=5)
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
+    parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
+    parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"])
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+    parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
+                        "<device>-<date>)")
+    parser.add_argument("--no-plots", action="store_true")
+    return parser.parse_args()
+
+
+def cases(args, device):
+    if args.tokens or args.vocab or args.dtypes:
+        grids = [dict(tokens=args.tokens or [256], vocab=args.vocab or [32000],
+                      dtypes=args.dtypes or ["float32"])]
+    elif device.type == "cuda":
+        grids = [GPU_GRID, GPU_FP32]
+    else:
+        grids = [CPU_GRID]
+    for grid in grids:
+        for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
+            for mode, provider in itertools.product(args.modes, args.providers):
+                yield Case(n, v, dtype, provider, mode)
+
+
+def main():
+    args = parse_args()
+    device = torch.device(args.device)
+    repeats = args.repeats or (GPU_GRID if device.type == "cuda" else CPU_GRID)["repeats"]
+    env = environment(device)
+    todo = list(cases(args, device))
+    rows, copy_gbps = [], {}
+    for case in report.progress(todo):
+        key = (case.n_tokens, case.vocab_size, case.dtype)
+        if key not in copy_gbps:
+            elem = torch.finfo(getattr(torch, case.dtype)).bits // 8
+            n_bytes = 2 * case.n_tokens * case.vocab_size * elem
+            # a copy reads and writes n_bytes
+            copy_gbps[key] = 2 * n_bytes / time_copy(n_bytes, device, repeats) / 1e9
+        reason = PROVIDERS[case.provider].unavailable(device)
+        if reason is not None:
+            row = dict(asdict(case), status=f"skipped: {reason}")
+        elif device.type == "cpu":
+            row = measure_in_subprocess(case, device, repeats)
+        else:
+            row = measure(case, device, repeats)
+            torch.cuda.empty_cache()
+        if row["status"] == "ok":
+            row["copy_gbps"] = copy_gbps[key]
+            row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
+        rows.append(row)
+
+    out = args.out or Path(__file__).parent / "results" / f"{_slug(env['device'])}-{env['date'][:10]}"
+    out.mkdir(parents=True, exist_ok=True)
+    result = dict(environment=env, repeats=repeats, rows=rows)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = report.markdown(result)
+    (out / "results.md").write_text(table)
+    if not args.no_plots:
+        report.plots(result, out)
+    print(table)
+    print(f"results written to {out}")
+
+
+def _slug(name):
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+
+
+if __name__ == "__main__":
+    main()

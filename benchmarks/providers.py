@@ -1,0 +1,82 @@
+"""The implementations being compared, each a function (logits1, logits2, target) -> loss with the
+semantics of fastrdrop.rdrop_loss at alpha=ALPHA, mean over tokens."""
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+import fastrdrop
+from fastrdrop import reference
+
+ALPHA = 1.0
+
+
+@dataclass(frozen=True)
+class Provider:
+    name: str
+    make: Callable[[], Callable]  # builds the loss function (compiles, imports) once
+    inplace: bool = False  # overwrites the logits: the timer hands it fresh copies
+    unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+
+
+def _eager():
+    return functools.partial(reference.rdrop_loss, alpha=ALPHA)
+
+
+def _compiled():
+    return torch.compile(functools.partial(reference.rdrop_loss, alpha=ALPHA), dynamic=False)
+
+
+def _fastrdrop(inplace):
+    return functools.partial(fastrdrop.rdrop_loss, alpha=ALPHA, inplace_backward=inplace)
+
+
+def _liger():
+    """Best Liger-Kernel composition: two fused cross entropies and two KL divergences on
+    log-softmax inputs (Liger's KL gives gradient to its input only, so each direction is one)."""
+    from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
+
+    cross_entropy = LigerCrossEntropyLoss()
+    kl_div = LigerKLDIVLoss(reduction="sum", log_target=True)
+
+    def loss(logits1, logits2, target):
+        logp1 = F.log_softmax(logits1.float(), dim=-1)
+        logp2 = F.log_softmax(logits2.float(), dim=-1)
+        n_tokens = logits1.shape[0]  # the benchmark ignores no token
+        sym_kl = 0.5 * (kl_div(logp2, logp1) + kl_div(logp1, logp2)) / n_tokens
+        return cross_entropy(logits1, target) + cross_entropy(logits2, target) + ALPHA * sym_kl
+
+    return loss
+
+
+def _liger_unavailable(device):
+    if device.type != "cuda":
+        return "Liger-Kernel runs on GPU only"
+    try:
+        import liger_kernel  # noqa: F401
+    except ImportError:
+        return "liger-kernel is not installed"
+    return None
+
+
+def _fastrdrop_unavailable(device):
+    if device.type == "cpu" and fastrdrop.loss.default_backend(device) == "torch":
+        return "no fused CPU backend here (fastrdrop would run the reference)"
+    return None
+
+
+PROVIDERS = {
+    p.name: p
+    for p in [
+        Provider("eager", _eager),
+        Provider("compile", _compiled),
+        Provider("liger", _liger, unavailable=_liger_unavailable),
+        Provider("fastrdrop", functools.partial(_fastrdrop, False),
+                 unavailable=_fastrdrop_unavailable),
+        Provider("fastrdrop-inplace", functools.partial(_fastrdrop, True), inplace=True,
+                 unavailable=_fastrdrop_unavailable),
+    ]
+}

@@ -1,0 +1,104 @@
+"""Progress, the Markdown table and the plots of a benchmark run."""
+
+import itertools
+
+STYLES = {  # provider -> (color, marker, linestyle): distinct in color and in shape
+    "eager": ("#7f7f7f", "o", "--"),
+    "compile": ("#1f77b4", "s", "--"),
+    "liger": ("#ff7f0e", "^", "-."),
+    "fastrdrop": ("#2ca02c", "D", "-"),
+    "fastrdrop-inplace": ("#d62728", "v", "-"),
+}
+
+
+def progress(cases):
+    """Iterate over cases with a progress bar naming the current one."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        tqdm = None
+    if tqdm is None:
+        for i, case in enumerate(cases):
+            print(f"[{i + 1}/{len(cases)}] {_label(case)}", flush=True)
+            yield case
+        return
+    bar = tqdm(cases, unit="case", dynamic_ncols=True)
+    for case in bar:
+        bar.set_description(_label(case))
+        yield case
+
+
+def _label(case):
+    return f"N={case.n_tokens} V={case.vocab_size} {case.dtype} {case.mode} {case.provider}"
+
+
+def markdown(result):
+    env = result["environment"]
+    lines = [
+        f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
+        f"fastrdrop {env['fastrdrop']} (backend {env['backend']}), commit {env['commit']}, "
+        f"{env['date']}. Median of {result['repeats']} calls (20-80% quantiles); peak extra "
+        "memory above the inputs, gradients included; GB/s on the minimal bytes (read both "
+        "logits, and write both gradients for fwd+bwd) and as a share of a device copy.",
+        "",
+        "| N | V | dtype | mode | provider | median ms | 20-80% ms | vs eager | peak extra MiB "
+        "| GB/s | of copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    eager = {_key(r): r["median_ms"] for r in result["rows"]
+             if r["provider"] == "eager" and r["status"] == "ok"}
+    for r in result["rows"]:
+        cells = [r["n_tokens"], r["vocab_size"], r["dtype"], r["mode"], r["provider"]]
+        if r["status"] != "ok":
+            cells += [r["status"], "", "", "", "", ""]
+        else:
+            base = eager.get(_key(r))
+            cells += [f"{r['median_ms']:.2f}", f"{r['q20_ms']:.2f}-{r['q80_ms']:.2f}",
+                      f"{base / r['median_ms']:.1f}x" if base else "",
+                      f"{r['peak_extra_mib']:.0f}", f"{r['gbps']:.1f}",
+                      f"{100 * r['fraction_of_copy']:.0f}%"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _key(row):
+    return row["n_tokens"], row["vocab_size"], row["dtype"], row["mode"]
+
+
+def plots(result, out, mode="fwd+bwd"):
+    """time, memory and share of copy bandwidth vs V: one panel per (N, dtype), one line per
+    provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r["mode"] == mode]
+    panels = sorted({(r["n_tokens"], r["dtype"]) for r in rows})
+    env = result["environment"]
+    metrics = [("median_ms", "time per call (ms)", "time", True),
+               ("peak_extra_mib", "peak extra memory (MiB)", "memory", True),
+               ("fraction_of_copy", "share of device-copy bandwidth", "bandwidth", False)]
+    for field, ylabel, name, log in metrics:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
+        for ax, (n, dtype) in zip(axes[0], panels, strict=True):
+            for provider, group in itertools.groupby(
+                    sorted((r for r in rows if (r["n_tokens"], r["dtype"]) == (n, dtype)),
+                           key=lambda r: (r["provider"], r["vocab_size"])),
+                    key=lambda r: r["provider"]):
+                group = list(group)
+                color, marker, style = STYLES.get(provider, ("black", "x", ":"))
+                values = [r[field] * (100 if field == "fraction_of_copy" else 1) for r in group]
+                ax.plot([r["vocab_size"] for r in group], values, label=provider, color=color,
+                        marker=marker, linestyle=style, linewidth=2, markersize=7)
+            ax.set_title(f"{mode}, N={n}, {dtype}")
+            ax.set_xlabel("vocabulary size V")
+            ax.set_ylabel(ylabel if field != "fraction_of_copy" else "% of device-copy GB/s")
+            if log:
+                ax.set_yscale("log")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend()
+        fig.suptitle(f"fastrdrop vs alternatives on {env['device']} ({env['date'][:10]})")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}_vs_vocab.png", dpi=110)
+        plt.close(fig)
