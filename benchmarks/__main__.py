@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 
 from benchmarks import report
-from benchmarks.measure import (MODES, Case, environment, measure, measure_in_subprocess,
-                                time_copy)
+from benchmarks.measure import MODES, Case, environment, measure, measure_in_subprocess, time_copy
 from benchmarks.providers import PROVIDERS
 
 # DESIGN.md section 6 on a GPU; on 2 CPU cores, sizes that finish in a few minutes.
@@ -83,7 +82,8 @@ def main():
             row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
         rows.append(row)
 
-    out = args.out or Path(__file__).parent / "results" / f"{_slug(env['device'])}-{env['date'][:10]}"
+    default_out = Path(__file__).parent / "results" / f"{_slug(env['device'])}-{env['date'][:10]}"
+    out = args.out or default_out
     out.mkdir(parents=True, exist_ok=True)
     result = dict(environment=env, repeats=repeats, rows=rows)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")

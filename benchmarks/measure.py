@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 import torch
 
 import fastrdrop
+
 from benchmarks.providers import PROVIDERS
 
 MODES = ("fwd", "fwd+bwd")
