@@ -98,8 +98,10 @@ def _check_real(name: str, value: object) -> None:
 
 
 def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) or equal ignore_index. Reads the labels (a device sync on GPU)."""
-    if target is None or target.numel() == 0:
+    """Labels must lie in [0, V) or equal ignore_index. Reads the labels (a device sync on GPU).
+    Skipped while torch.compile traces (a data-dependent branch); the fused ops run it inside
+    their custom op, which executes eagerly even in a compiled graph."""
+    if target is None or target.numel() == 0 or torch.compiler.is_compiling():
         return
     bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
     if bool(bad.any()):

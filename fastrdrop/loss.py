@@ -1,11 +1,13 @@
 """Public API: ``rdrop_loss``, ``RDropLoss`` and the choice of backend."""
 
+import functools
+import warnings
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import _native, ops, reference
 from ._common import BACKENDS, KERNEL_DTYPES, RDropParts, check_args, reduce_rows, row_weights
 
 
@@ -133,9 +135,21 @@ class RDropLoss(nn.Module):
 
 def default_backend(device: torch.device) -> str:
     """The backend that ``backend="auto"`` runs for fp32, bf16 and fp16 logits on ``device``."""
-    if device.type != "cpu" and ops.triton_unavailable_reason(device) is None:
+    if device.type == "cpu":
+        reason = _native.unavailable_reason()
+        if reason is None:
+            return "native"
+        _warn_once(f"fastrdrop: the native CPU kernel is unavailable ({reason}); "
+                   "backend='auto' runs the PyTorch reference on CPU tensors")
+        return "torch"
+    if ops.triton_unavailable_reason(device) is None:
         return "triton"
     return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
 def _resolve_backend(backend: str, logits: Tensor) -> str:
@@ -155,7 +169,12 @@ def _resolve_backend(backend: str, logits: Tensor) -> str:
         if reason is not None:
             raise ValueError(f"backend='triton' cannot run here: {reason}")
         return backend
-    raise ValueError("backend='native' cannot run here: the native CPU kernel is not built")
+    if device.type != "cpu":
+        raise ValueError(f"backend='native' runs on CPU tensors, got logits on {device}")
+    reason = _native.unavailable_reason()
+    if reason is not None:
+        raise ValueError(f"backend='native' cannot run here: the native CPU kernel {reason}")
+    return backend
 
 
 def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:

@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _native
 from ._common import check_target_values
 
 try:
@@ -94,8 +95,8 @@ def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, 
         )
 
 
-FORWARD = {"triton": _triton_forward}
-BACKWARD = {"triton": _triton_backward}
+FORWARD = {"triton": _triton_forward, "native": _native.forward}
+BACKWARD = {"triton": _triton_backward, "native": _native.backward}
 
 
 # ---------------------------------------------------------------------------------------------

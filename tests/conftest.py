@@ -10,16 +10,21 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from fastrdrop import ops  # noqa: E402
+from fastrdrop import _native, ops  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def fused_backends() -> list:
-    """The fused backends that can run here, each a pytest param (skipped with the reason)."""
-    reason = ops.triton_unavailable_reason(DEVICE)
-    skip = pytest.mark.skipif(reason is not None, reason=str(reason))
-    return [pytest.param("triton", marks=skip)]
+    """The fused backends, each a pytest param, skipped with the reason where it cannot run:
+    Triton (on CPU under the interpreter) and the native kernel (on CPU)."""
+    reasons = {
+        "triton": ops.triton_unavailable_reason(DEVICE),
+        "native": "the native kernel runs on CPU tensors" if DEVICE.type != "cpu"
+        else _native.unavailable_reason(),
+    }
+    return [pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+            for name, reason in reasons.items()]
 
 
 @pytest.fixture(autouse=True)

@@ -1,0 +1,104 @@
+"""ctypes loader of the native CPU kernel (kernels/cpu, built by CMake into this package) and its
+launchers, with the same signatures as the Triton launchers in ops.py."""
+
+import ctypes
+import functools
+import importlib.metadata
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.get(
+    sys.platform, "fastrdrop_cpu.dll")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+_i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+_SIGNATURES = {
+    # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
+    # then forward: row_weight, alpha, parts, stats; backward: stats, grad_parts, dz1, dz2
+    "fastrdrop_cpu_forward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
+                              _float, _ptr, _float, _ptr, _ptr, _int],
+    "fastrdrop_cpu_backward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
+                               _float, _ptr, _ptr, _ptr, _ptr, _int],
+}
+
+
+def _candidates():
+    """Where the build may have put the library: beside this file, in every folder of the
+    package (an editable install keeps the sources and the built files apart), and wherever
+    the installed distribution's file list says."""
+    package = sys.modules[__package__]
+    folders = [Path(__file__).parent, *map(Path, getattr(package, "__path__", []))]
+    yield from (folder / LIBRARY for folder in folders)
+    try:
+        files = importlib.metadata.files("fastrdrop") or []
+    except importlib.metadata.PackageNotFoundError:
+        files = []
+    yield from (Path(f.locate()) for f in files if f.name == LIBRARY)
+
+
+def _build_note() -> Optional[str]:
+    for library in _candidates():
+        note = library.with_name("_native_build.txt")
+        if note.is_file() and note.read_text().strip() != "built":
+            return note.read_text().strip()
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _load():
+    """(library, None) or (None, why it is unavailable)."""
+    for path in _candidates():
+        if path.is_file():
+            try:
+                lib = ctypes.CDLL(str(path))
+            except OSError as error:
+                return None, f"{path} could not be loaded: {error}"
+            for name, argtypes in _SIGNATURES.items():
+                getattr(lib, name).argtypes = argtypes
+                getattr(lib, name).restype = _int
+            return lib, None
+    note = _build_note()
+    return None, f"it was not built ({note})" if note else f"{LIBRARY} was not found"
+
+
+@torch.compiler.assume_constant_result  # fixed for the process: no file look-up while tracing
+def unavailable_reason() -> Optional[str]:
+    """Why the native CPU kernel cannot run here, or None when it can."""
+    return _load()[1]
+
+
+def _common_args(z1, z2, target, ignore_index, label_smoothing, softcap):
+    n_rows, vocab_size = z1.shape
+    return [z1.data_ptr(), z2.data_ptr(), z1.stride(0), z2.stride(0), DTYPE_CODES[z1.dtype],
+            n_rows, vocab_size, None if target is None else target.data_ptr(), ignore_index,
+            label_smoothing, softcap or 0.0]
+
+
+def _labels(target):
+    return None if target is None else target.to(torch.int64).contiguous()
+
+
+def forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing, softcap,
+            alpha, inplace):
+    lib = _load()[0]
+    target = _labels(target)
+    row_weight = row_weight.to(torch.float32).contiguous() if inplace else None
+    status = lib.fastrdrop_cpu_forward(
+        *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap),
+        None if row_weight is None else row_weight.data_ptr(), alpha, parts.data_ptr(),
+        stats.data_ptr(), torch.get_num_threads())
+    assert status == 0, f"fastrdrop_cpu_forward failed with status {status}"
+
+
+def backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, label_smoothing,
+             softcap):
+    lib = _load()[0]
+    target = _labels(target)
+    status = lib.fastrdrop_cpu_backward(
+        *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap),
+        stats.data_ptr(), grad_parts.data_ptr(), dz1.data_ptr(), dz2.data_ptr(),
+        torch.get_num_threads())
+    assert status == 0, f"fastrdrop_cpu_backward failed with status {status}"

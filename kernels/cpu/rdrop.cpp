@@ -1,0 +1,467 @@
+// Native CPU kernel of the fused R-Drop loss: OpenMP across rows, SIMD across the vocabulary.
+//
+// Math, per row (DESIGN.md section 2). z1, z2 are one row of each pass, after the optional
+// softcap z = c * tanh(x / c); e_y is the one-hot of the label y; eps the label smoothing:
+//
+//     lse_k = log sum exp z_k        p = exp(z1 - lse1)        q = exp(z2 - lse2)        D = z1 - z2
+//     CE_k  = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+//     symKL = 1/2 sum (p - q) D = 1/2 (E_p[D] - E_q[D])                  (because sum p - q = 0)
+//
+//     dz1 = c_ce1 (p - (1 - eps) e_y - eps / V') + c_kl / 2 (p (D - E_p[D]) + p - q)
+//     dz2 = c_ce2 (q - (1 - eps) e_y - eps / V') - c_kl / 2 (q (D - E_q[D]) + p - q)
+//
+// c_ce1, c_ce2, c_kl are the row's upstream gradients of CE_1, CE_2, symKL. With softcap the
+// gradient is multiplied by 1 - (z / c)^2. A position where both raw logits are -inf (a masked
+// vocabulary entry) is absent: it adds nothing to any sum, gets gradient 0, and V' counts the
+// present positions only. All math is fp32 whatever the input dtype; the sums over vocabulary
+// blocks are carried in double.
+//
+// Per-row outputs, as in the Triton kernels: parts [3, n_rows] = (CE_1, CE_2, symKL), 0 for an
+// ignored row; stats [5, n_rows] = (lse1, lse2, E_p[D], E_q[D], V').
+//
+// The C API takes raw pointers and sizes only: no libtorch, so the library does not depend on the
+// torch version. Rows may be strided (row stride in elements); the last dim is contiguous.
+
+#include <omp.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#include <unistd.h>
+#endif
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace {
+
+constexpr int64_t kBlock = 2048;  // vocabulary block: both rows' fp32 copies stay in L1
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// ---- element types: storage, and branch-free conversions to and from fp32 ----------------------
+
+inline float as_float(int32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline float as_float(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint32_t as_bits(float f) {
+  uint32_t bits;
+  std::memcpy(&bits, &f, sizeof bits);
+  return bits;
+}
+
+template <typename Fmt>
+using Elem = typename Fmt::storage;
+
+struct F32 {
+  using storage = float;
+  static float load(float x) { return x; }
+  static float store(float x) { return x; }
+};
+
+struct BF16 {  // the top half of a float's bits
+  using storage = uint16_t;
+  static float load(uint16_t x) { return as_float(static_cast<uint32_t>(x) << 16); }
+  static uint16_t store(float x) {
+    // round to nearest even: add half an ulp, less one unless the kept mantissa is odd
+    const uint32_t bits = as_bits(x);
+    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+  }
+};
+
+struct F16 {  // IEEE half, converted on the bits so that the loops vectorise without AVX512-FP16
+  using storage = uint16_t;
+  static float load(uint16_t h) {
+    const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+    const uint32_t rest = static_cast<uint32_t>(h & 0x7FFFu) << 13;
+    // exponent and mantissa in place; times 2^112 rebias 15 -> 127, exact for subnormals too
+    const float finite = as_float(rest) * 0x1p112f;
+    const uint32_t inf_nan = rest | 0x7F800000u;
+    return as_float((rest >= (0x7C00u << 13) ? inf_nan : as_bits(finite)) | sign);
+  }
+  static uint16_t store(float x) {
+    // round to nearest even; NaN -> quiet NaN, overflow -> inf, subnormals by a float addition.
+    // Signed int32 throughout (the magnitude has no sign bit): AVX2 compares signed ints only.
+    const int32_t bits = static_cast<int32_t>(as_bits(x));
+    const int32_t sign = (bits >> 16) & 0x8000;
+    const int32_t mag = bits & 0x7FFFFFFF;
+    const int32_t denorm_magic = ((127 - 15) + (23 - 10) + 1) << 23;
+    const int32_t subnormal =
+        static_cast<int32_t>(as_bits(as_float(mag) + as_float(denorm_magic))) - denorm_magic;
+    const int32_t normal = (mag - ((127 - 15) << 23) + 0xFFF + ((mag >> 13) & 1)) >> 13;
+    const int32_t special = mag > 0x7F800000 ? 0x7E00 : 0x7C00;
+    const int32_t out = mag >= ((127 + 16) << 23) ? special
+                        : mag < (113 << 23)       ? subnormal
+                                                  : normal;
+    return static_cast<uint16_t>(out | sign);
+  }
+};
+
+// ---- vectorisable elementary functions ---------------------------------------------------------
+
+// exp(x) for x <= 0, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(r) by the Cephes expf polynomial, 2^n put into the exponent bits. About 1 ulp; exactly 0
+// below -87.3 (so exp(-inf) = 0). Every caller has x <= 0 (logits minus their max or their lse).
+inline float vexp(float x) {
+  const float xc = std::max(x, -87.3f);
+  // t = x log2(e) + 1.5 * 2^23 rounds to an integer n that sits in t's low mantissa bits
+  const float magic = 12582912.0f;
+  const float t = xc * 1.44269504088896341f + magic;
+  const float n = t - magic;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t t_bits;
+  std::memcpy(&t_bits, &t, sizeof t_bits);
+  const int32_t scale_bits = (t_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of magic
+  float scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return x < -87.3f ? 0.0f : p * scale;
+}
+
+// c * tanh(x / c), through exp(-2 |x / c|): the same formula as the Triton kernels
+inline float softcap_of(float x, float c) {
+  const float e = vexp(-2.0f * std::fabs(x / c));
+  const float t = (1.0f - e) / (1.0f + e);
+  return c * (x < 0.0f ? -t : t);
+}
+
+// ---- one row -----------------------------------------------------------------------------------
+
+struct Options {
+  int64_t vocab;
+  int64_t ignore_index;
+  float eps;      // label smoothing
+  float softcap;  // 0: none
+  bool has_target;
+};
+
+struct RowStats {
+  float ce1, ce2, kl, lse1, lse2, ep, eq, n_present;
+};
+
+// One position of both rows as fp32: softcapped, -inf where absent. Returns whether present.
+template <typename Fmt, bool kSoftcap>
+inline bool load_pair(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t j, float cap, float& a,
+                      float& b) {
+  a = Fmt::load(z1[j]);
+  b = Fmt::load(z2[j]);
+  const bool here = !(a == kNegInf && b == kNegInf);
+  if constexpr (kSoftcap) {
+    a = here ? softcap_of(a, cap) : kNegInf;
+    b = here ? softcap_of(b, cap) : kNegInf;
+  }
+  return here;
+}
+
+// The maxima of a block's softcapped logits, from the raw values (softcap is monotonic, and maps
+// -inf to -c). Used only as the shift of the exponentials, so a bound near the maximum will do.
+template <typename Fmt, bool kSoftcap>
+inline void block_max(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float cap,
+                      float& max1, float& max2) {
+  float m1 = kNegInf, m2 = kNegInf;
+#pragma omp simd reduction(max : m1, m2)
+  for (int64_t j = 0; j < len; ++j) {
+    m1 = std::max(m1, Fmt::load(z1[j]));
+    m2 = std::max(m2, Fmt::load(z2[j]));
+  }
+  if constexpr (kSoftcap) {
+    m1 = m1 == kNegInf ? -cap : softcap_of(m1, cap);
+    m2 = m2 == kNegInf ? -cap : softcap_of(m2, cap);
+  }
+  max1 = m1;
+  max2 = m2;
+}
+
+// exp(m_old - m_new), 0 while nothing was seen yet: never -inf - -inf
+inline double rescale(float m_old, float shift) {
+  return m_old == kNegInf ? 0.0 : std::exp(static_cast<double>(m_old) - shift);
+}
+
+// 1. online max m_k, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D over vocabulary blocks;
+// 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2;
+// 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' sum z_k.
+template <typename Fmt, bool kSoftcap, bool kSmoothing>
+RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o) {
+  const float cap = o.softcap;
+  float m1 = kNegInf, m2 = kNegInf;
+  double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = 0;
+  for (int64_t start = 0; start < o.vocab; start += kBlock) {
+    const int64_t len = std::min(kBlock, o.vocab - start);
+    const Elem<Fmt>* b1 = z1 + start;
+    const Elem<Fmt>* b2 = z2 + start;
+    float block_max1, block_max2;
+    block_max<Fmt, kSoftcap>(b1, b2, len, cap, block_max1, block_max2);
+    const float new_m1 = std::max(m1, block_max1), new_m2 = std::max(m2, block_max2);
+    const float shift1 = new_m1 == kNegInf ? 0.0f : new_m1;
+    const float shift2 = new_m2 == kNegInf ? 0.0f : new_m2;
+    const double r1 = rescale(m1, shift1), r2 = rescale(m2, shift2);
+    float bs1 = 0, bs2 = 0, bt1 = 0, bt2 = 0, bz1 = 0, bz2 = 0, bn = 0;
+#pragma omp simd reduction(+ : bs1, bs2, bt1, bt2, bz1, bz2, bn)
+    for (int64_t j = 0; j < len; ++j) {
+      float a, b;
+      const bool here = load_pair<Fmt, kSoftcap>(b1, b2, j, cap, a, b);
+      const float d = here ? a - b : 0.0f;
+      const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
+      bs1 += e1;
+      bs2 += e2;
+      bt1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
+      bt2 += e2 > 0.0f ? e2 * d : 0.0f;
+      if constexpr (kSmoothing) {
+        bz1 += here ? a : 0.0f;
+        bz2 += here ? b : 0.0f;
+      }
+      bn += here ? 1.0f : 0.0f;
+    }
+    s1 = s1 * r1 + bs1;
+    s2 = s2 * r2 + bs2;
+    t1 = t1 * r1 + bt1;
+    t2 = t2 * r2 + bt2;
+    sum_z1 += bz1;
+    sum_z2 += bz2;
+    n_present += bn;
+    m1 = new_m1;
+    m2 = new_m2;
+  }
+  RowStats r{};
+  const double lse1 = m1 + std::log(s1), lse2 = m2 + std::log(s2);
+  r.lse1 = static_cast<float>(lse1);
+  r.lse2 = static_cast<float>(lse2);
+  r.ep = static_cast<float>(t1 / s1);
+  r.eq = static_cast<float>(t2 / s2);
+  r.kl = static_cast<float>(0.5 * (t1 / s1 - t2 / s2));
+  r.n_present = static_cast<float>(n_present);
+  if (o.has_target) {
+    float zy1, zy2;
+    load_pair<Fmt, kSoftcap>(z1, z2, y, cap, zy1, zy2);
+    double ce1 = lse1 - (1.0 - o.eps) * zy1;
+    double ce2 = lse2 - (1.0 - o.eps) * zy2;
+    if constexpr (kSmoothing) {
+      ce1 -= o.eps / n_present * sum_z1;
+      ce2 -= o.eps / n_present * sum_z2;
+    }
+    r.ce1 = static_cast<float>(ce1);
+    r.ce2 = static_cast<float>(ce2);
+  }
+  return r;
+}
+
+// dz1, dz2 at one position, with `on_label` = (1 - eps) [j == y] + eps / V' (0 without target)
+template <bool kSoftcap>
+inline void grads_at(float x1, float x2, bool present, float on_label, RowStats st, float c1,
+                     float c2, float half_kl, float softcap, float& g1, float& g2) {
+  const float p = vexp(x1 - st.lse1), q = vexp(x2 - st.lse2);
+  const float d = x1 - x2;
+  // KL part: dz1 = c_kl/2 (p (D - E_p[D]) + p - q), dz2 = -c_kl/2 (q (D - E_q[D]) + p - q)
+  const float p_d = p > 0.0f ? p * (d - st.ep) : 0.0f;
+  const float q_d = q > 0.0f ? q * (d - st.eq) : 0.0f;
+  // CE part: c_ce (p - (1 - eps) e_y - eps / V')
+  float a = half_kl * (p_d + p - q) + c1 * (p - on_label);
+  float b = -half_kl * (q_d + p - q) + c2 * (q - on_label);
+  if constexpr (kSoftcap) {  // d/dx c tanh(x / c) = 1 - (z / c)^2
+    a *= 1.0f - (x1 / softcap) * (x1 / softcap);
+    b *= 1.0f - (x2 / softcap) * (x2 / softcap);
+  }
+  g1 = present ? a : 0.0f;
+  g2 = present ? b : 0.0f;
+}
+
+// Second pass: p and q from the stats, then dz1, dz2 (which may alias z1, z2: each position is
+// read before it is written). The label's position is redone in fp32 with its (1 - eps) term,
+// never as a read-modify-write of a stored bf16 value.
+template <typename Fmt, bool kSoftcap>
+void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
+               int64_t y, RowStats st, float c_ce1, float c_ce2, float c_kl, const Options& o) {
+  const float smooth = o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f;
+  const float c1 = o.has_target ? c_ce1 : 0.0f, c2 = o.has_target ? c_ce2 : 0.0f;
+  const float half_kl = 0.5f * c_kl, cap = o.softcap;
+  float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
+  const bool label_here = o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, cap, label1, label2);
+#pragma omp simd
+  for (int64_t j = 0; j < o.vocab; ++j) {
+    float a, b, g1, g2;
+    const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
+    grads_at<kSoftcap>(a, b, here, smooth, st, c1, c2, half_kl, cap, g1, g2);
+    dz1[j] = Fmt::store(g1);
+    dz2[j] = Fmt::store(g2);
+  }
+  if (o.has_target) {
+    float g1, g2;
+    grads_at<kSoftcap>(label1, label2, label_here, 1.0f - o.eps + smooth, st, c1, c2, half_kl,
+                       cap, g1, g2);
+    dz1[y] = Fmt::store(g1);
+    dz2[y] = Fmt::store(g2);
+  }
+}
+
+template <typename Fmt>
+void fill_zeros(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t vocab) {
+  for (int64_t j = 0; j < vocab; ++j) {
+    dz1[j] = Fmt::store(0.0f);
+    dz2[j] = Fmt::store(0.0f);
+  }
+}
+
+inline bool ignored(const int64_t* target, int64_t row, const Options& o) {
+  return o.has_target && target[row] == o.ignore_index;
+}
+
+// ---- whole batches -----------------------------------------------------------------------------
+
+// Forward; with row_weight, also the in-place gradients of
+// row_weight * (CE_1 + CE_2 + alpha * symKL) written into z1, z2.
+template <typename Fmt, bool kSoftcap>
+void forward(Elem<Fmt>* z1, Elem<Fmt>* z2, int64_t stride1, int64_t stride2, int64_t n_rows,
+             const int64_t* target, const Options& o, const float* row_weight, float alpha,
+             float* parts, float* stats, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t row = 0; row < n_rows; ++row) {
+    Elem<Fmt>* r1 = z1 + row * stride1;
+    Elem<Fmt>* r2 = z2 + row * stride2;
+    if (ignored(target, row, o)) {
+      for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = 0.0f;
+      for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = 0.0f;
+      if (row_weight) fill_zeros<Fmt>(r1, r2, o.vocab);
+      continue;
+    }
+    const int64_t y = o.has_target ? target[row] : 0;
+    const RowStats st = o.has_target && o.eps > 0.0f ? row_stats<Fmt, kSoftcap, true>(r1, r2, y, o)
+                                                     : row_stats<Fmt, kSoftcap, false>(r1, r2, y, o);
+    const float out_parts[3] = {st.ce1, st.ce2, st.kl};
+    const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
+    for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
+    for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
+    if (row_weight) {
+      const float w = row_weight[row];
+      row_grads<Fmt, kSoftcap>(r1, r2, r1, r2, y, st, w, w, alpha * w, o);
+    }
+  }
+}
+
+template <typename Fmt, bool kSoftcap>
+void backward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t stride2, int64_t n_rows,
+              const int64_t* target, const Options& o, const float* stats,
+              const float* grad_parts, Elem<Fmt>* dz1, Elem<Fmt>* dz2, int num_threads) {
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+  for (int64_t row = 0; row < n_rows; ++row) {
+    Elem<Fmt>* d1 = dz1 + row * o.vocab;
+    Elem<Fmt>* d2 = dz2 + row * o.vocab;
+    if (ignored(target, row, o)) {
+      fill_zeros<Fmt>(d1, d2, o.vocab);
+      continue;
+    }
+    RowStats st{};
+    st.lse1 = stats[row];
+    st.lse2 = stats[n_rows + row];
+    st.ep = stats[2 * n_rows + row];
+    st.eq = stats[3 * n_rows + row];
+    st.n_present = stats[4 * n_rows + row];
+    row_grads<Fmt, kSoftcap>(z1 + row * stride1, z2 + row * stride2, d1, d2,
+                           o.has_target ? target[row] : 0, st, grad_parts[row],
+                           grad_parts[n_rows + row], grad_parts[2 * n_rows + row], o);
+  }
+}
+
+// A fresh gradient buffer is first touched by the kernel's writes; with 4 KiB pages the page
+// faults cost more than the kernel itself. Ask for transparent huge pages on the buffer's whole
+// pages (Linux; a no-op where THP is off or the buffer is small).
+void advise_huge_pages(void* data, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr int64_t kHuge = int64_t{2} << 20;
+  if (bytes < 2 * kHuge) return;
+  const int64_t page = sysconf(_SC_PAGESIZE);
+  const auto begin = reinterpret_cast<uintptr_t>(data);
+  const uintptr_t first = (begin + page - 1) / page * page;
+  const uintptr_t last = (begin + bytes) / page * page;
+  madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
+#else
+  (void)data;
+  (void)bytes;
+#endif
+}
+
+enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<Fmt>{}, std::bool_constant<softcap>{}) for the element format and softcap flag.
+template <typename F>
+int dispatch(int dtype, bool softcap, F&& f) {
+  auto with_type = [&](auto tag) {
+    if (softcap) {
+      f(tag, std::true_type{});
+    } else {
+      f(tag, std::false_type{});
+    }
+  };
+  switch (dtype) {
+    case kFloat32: with_type(Tag<F32>{}); return 0;
+    case kBFloat16: with_type(Tag<BF16>{}); return 0;
+    case kFloat16: with_type(Tag<F16>{}); return 0;
+    default: return 1;
+  }
+}
+
+}  // namespace
+
+// ---- C API: returns 0, or 1 for an unknown dtype -------------------------------------------
+
+#define FASTRDROP_API __attribute__((visibility("default")))
+
+extern "C" {
+
+// z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
+// NULL; softcap 0 for none. row_weight: NULL for the plain forward, else [n_rows] and the
+// gradients go into z1, z2. parts: float [3, n_rows]; stats: float [5, n_rows].
+FASTRDROP_API int fastrdrop_cpu_forward(void* z1, void* z2, int64_t stride1, int64_t stride2, int dtype,
+                          int64_t n_rows, int64_t vocab, const int64_t* target,
+                          int64_t ignore_index, float label_smoothing, float softcap,
+                          const float* row_weight, float alpha, float* parts, float* stats,
+                          int num_threads) {
+  const Options o{vocab, ignore_index, label_smoothing, softcap, target != nullptr};
+  return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
+    using Fmt = typename decltype(tag)::type;
+    using T = Elem<Fmt>;
+    forward<Fmt, has_softcap>(static_cast<T*>(z1), static_cast<T*>(z2), stride1, stride2, n_rows,
+                            target, o, row_weight, alpha, parts, stats, num_threads);
+  });
+}
+
+// grad_parts: float [3, n_rows], the upstream gradients of (CE_1, CE_2, symKL);
+// dz1, dz2: contiguous [n_rows, vocab] of `dtype`.
+FASTRDROP_API int fastrdrop_cpu_backward(const void* z1, const void* z2, int64_t stride1, int64_t stride2,
+                           int dtype, int64_t n_rows, int64_t vocab, const int64_t* target,
+                           int64_t ignore_index, float label_smoothing, float softcap,
+                           const float* stats, const float* grad_parts, void* dz1, void* dz2,
+                           int num_threads) {
+  const Options o{vocab, ignore_index, label_smoothing, softcap, target != nullptr};
+  return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
+    using Fmt = typename decltype(tag)::type;
+    using T = Elem<Fmt>;
+    advise_huge_pages(dz1, n_rows * vocab * int64_t{sizeof(T)});
+    advise_huge_pages(dz2, n_rows * vocab * int64_t{sizeof(T)});
+    backward<Fmt, has_softcap>(static_cast<const T*>(z1), static_cast<const T*>(z2), stride1,
+                             stride2, n_rows, target, o, stats, grad_parts, static_cast<T*>(dz1),
+                             static_cast<T*>(dz2), num_threads);
+  });
+}
+
+}  // extern "C"
