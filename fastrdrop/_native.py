@@ -61,7 +61,7 @@ def _load():
                 getattr(lib, name).restype = _int
             return lib, None
     note = _build_note()
-    return None, f"it was not built ({note})" if note else f"{LIBRARY} was not found"
+    return None, f"not built: {note}" if note else f"{LIBRARY} was not found"
 
 
 @torch.compiler.assume_constant_result  # fixed for the process: no file look-up while tracing

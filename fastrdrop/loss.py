@@ -149,7 +149,7 @@ def default_backend(device: torch.device) -> str:
 
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of rdrop_loss
 
 
 def _resolve_backend(backend: str, logits: Tensor) -> str:
@@ -173,7 +173,8 @@ def _resolve_backend(backend: str, logits: Tensor) -> str:
         raise ValueError(f"backend='native' runs on CPU tensors, got logits on {device}")
     reason = _native.unavailable_reason()
     if reason is not None:
-        raise ValueError(f"backend='native' cannot run here: the native CPU kernel {reason}")
+        raise ValueError(f"backend='native' cannot run here: the native CPU kernel is "
+                         f"unavailable ({reason})")
     return backend
 
 

@@ -79,8 +79,9 @@ def test_reference_checks_the_same(case):
 
 def test_unavailable_backends_say_why():
     z1, z2 = logits_pair((N, V), torch.float32)
-    with pytest.raises(ValueError, match="backend='native'"):
-        fastrdrop.rdrop_loss(z1, z2, backend="native")
+    if z1.device.type != "cpu":
+        with pytest.raises(ValueError, match="backend='native' runs on CPU tensors"):
+            fastrdrop.rdrop_loss(z1, z2, backend="native")
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         fastrdrop.rdrop_loss(z1.double(), z2.double(), backend="triton")
 

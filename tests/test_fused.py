@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import fastrdrop
-from fastrdrop import reference
+from fastrdrop import _native, reference
 
 from conftest import DEVICE, fused_backends
 from inputs import grad_output_like, labels, logits_pair
@@ -216,13 +216,16 @@ def test_no_grad_runs_forward_only(backend, monkeypatch):
 
 
 def test_auto_backend_choice():
-    # auto: Triton on GPU tensors, the reference on CPU tensors (until the native kernel exists).
+    # auto: Triton on GPU tensors, the native kernel on CPU tensors where it was built, else
+    # the reference; float64 (no fused kernel) always runs the reference, in float64.
     z1, z2 = logits_pair((3, 50), torch.float32)
     target = labels((3,), 50)
+    expected_backend = "triton" if DEVICE.type != "cpu" else (
+        "native" if _native.unavailable_reason() is None else "torch")
+    assert fastrdrop.loss.default_backend(DEVICE) == expected_backend
     expected = reference.rdrop_loss(z1, z2, target)
     torch.testing.assert_close(fastrdrop.rdrop_loss(z1, z2, target), expected)
     torch.testing.assert_close(fastrdrop.rdrop_loss(z1, z2, target, backend="torch"), expected)
-    # float64 has no fused kernel: auto falls back to the reference, in float64
     loss64 = fastrdrop.rdrop_loss(z1.double(), z2.double(), target)
     assert loss64.dtype == torch.float64
 

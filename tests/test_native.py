@@ -1,0 +1,77 @@
+"""The native CPU kernel: determinism across thread counts, vectorised code, and what happens
+where it was not built. (Its correctness runs in the shared matrix of test_fused.py.)"""
+
+import platform
+import shutil
+import subprocess
+import warnings
+
+import pytest
+import torch
+
+import fastrdrop
+from fastrdrop import _native
+
+from inputs import labels, logits_pair
+
+needs_native = pytest.mark.skipif(_native.unavailable_reason() is not None,
+                                  reason=str(_native.unavailable_reason()))
+
+
+def forward_backward(z1, z2, target, threads, inplace=False, **kwargs):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+        loss = fastrdrop.rdrop_loss(a, b, target, backend="native", inplace_backward=inplace,
+                                    **kwargs)
+        return (loss, *torch.autograd.grad(loss, (a, b)))
+    finally:
+        torch.set_num_threads(previous)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_bit_identical_with_one_and_two_threads(dtype, inplace):
+    # Rows are independent and each is summed in a fixed order: the thread count changes nothing.
+    z1, z2 = logits_pair((7, 5000), dtype, masked=0.05)
+    target = labels((7,), 5000, logits=z1)
+    kwargs = dict(label_smoothing=0.1, softcap=30.0, reduction="sum")
+    one = forward_backward(z1, z2, target, 1, inplace, **kwargs)
+    two = forward_backward(z1, z2, target, 2, inplace, **kwargs)
+    for x, y in zip(one, two, strict=True):
+        assert torch.equal(x, y)
+
+
+@needs_native
+def test_inner_loops_are_vectorised():
+    # The library's code holds packed float arithmetic (SSE/AVX "...ps" on x86-64).
+    if platform.machine() not in ("x86_64", "AMD64") or shutil.which("objdump") is None:
+        pytest.skip("checks x86-64 code with objdump")
+    library = next(p for p in _native._candidates() if p.is_file())
+    code = subprocess.run(["objdump", "-d", "--no-show-raw-insn", str(library)],
+                          capture_output=True, text=True, check=True).stdout
+    packed = sum(1 for line in code.splitlines()
+                 if any(op in line for op in ("mulps", "addps", "subps", "fmadd", "maxps")))
+    assert packed > 200, f"only {packed} packed float instructions"
+
+
+def test_fallback_when_not_built(monkeypatch):
+    # Without the library: auto warns once, naming why, and runs the reference; native refuses.
+    reason = "not built: no C++ compiler was found when fastrdrop was installed"
+    monkeypatch.setattr(_native, "unavailable_reason", lambda: reason)
+    fastrdrop.loss._warn_once.cache_clear()
+    z1, z2 = logits_pair((3, 40), torch.float32)
+    target = labels((3,), 40)
+    if z1.device.type != "cpu":
+        z1, z2, target = z1.cpu(), z2.cpu(), target.cpu()
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        loss = fastrdrop.rdrop_loss(z1, z2, target)
+    torch.testing.assert_close(loss, fastrdrop.reference.rdrop_loss(z1, z2, target))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastrdrop.rdrop_loss(z1, z2, target)  # once only
+    with pytest.raises(ValueError, match="backend='native' cannot run here.*no C\\+\\+ compiler"):
+        fastrdrop.rdrop_loss(z1, z2, target, backend="native")
+    fastrdrop.loss._warn_once.cache_clear()
