@@ -41,7 +41,8 @@ def parse_args():
     return parser.parse_args()
 
 
-def cases(args, device):
+def case_groups(args, device):
+    """Lists of cases that share sizes, dtype and provider (one per mode): one process each."""
     if args.tokens or args.vocab or args.dtypes:
         grids = [dict(tokens=args.tokens or [256], vocab=args.vocab or [32000],
                       dtypes=args.dtypes or ["float32"])]
@@ -51,8 +52,8 @@ def cases(args, device):
         grids = [CPU_GRID]
     for grid in grids:
         for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
-            for mode, provider in itertools.product(args.modes, args.providers):
-                yield Case(n, v, dtype, provider, mode)
+            for provider in args.providers:
+                yield [Case(n, v, dtype, provider, mode) for mode in args.modes]
 
 
 def main():
@@ -60,27 +61,28 @@ def main():
     device = torch.device(args.device)
     repeats = args.repeats or (GPU_GRID if device.type == "cuda" else CPU_GRID)["repeats"]
     env = environment(device)
-    todo = list(cases(args, device))
     rows, copy_gbps = [], {}
-    for case in report.progress(todo):
-        key = (case.n_tokens, case.vocab_size, case.dtype)
+    for group in report.progress(list(case_groups(args, device))):
+        first = group[0]
+        key = (first.n_tokens, first.vocab_size, first.dtype)
         if key not in copy_gbps:
-            elem = torch.finfo(getattr(torch, case.dtype)).bits // 8
-            n_bytes = 2 * case.n_tokens * case.vocab_size * elem
+            elem = torch.finfo(getattr(torch, first.dtype)).bits // 8
+            n_bytes = 2 * first.n_tokens * first.vocab_size * elem
             # a copy reads and writes n_bytes
             copy_gbps[key] = 2 * n_bytes / time_copy(n_bytes, device, repeats) / 1e9
-        reason = PROVIDERS[case.provider].unavailable(device)
+        reason = PROVIDERS[first.provider].unavailable(device)
         if reason is not None:
-            row = dict(asdict(case), status=f"skipped: {reason}")
+            group_rows = [dict(asdict(case), status=f"skipped: {reason}") for case in group]
         elif device.type == "cpu":
-            row = measure_in_subprocess(case, device, repeats)
+            group_rows = measure_in_subprocess(group, device, repeats)
         else:
-            row = measure(case, device, repeats)
+            group_rows = [measure(case, device, repeats) for case in group]
             torch.cuda.empty_cache()
-        if row["status"] == "ok":
-            row["copy_gbps"] = copy_gbps[key]
-            row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
-        rows.append(row)
+        for row in group_rows:
+            if row["status"] == "ok":
+                row["copy_gbps"] = copy_gbps[key]
+                row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
+        rows.extend(group_rows)
 
     default_out = Path(__file__).parent / "results" / f"{_slug(env['device'])}-{env['date'][:10]}"
     out = args.out or default_out

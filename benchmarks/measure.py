@@ -52,7 +52,7 @@ def make_inputs(case, device, seed=0):
     return z1.to(device, dtype), z2.to(device, dtype), target.to(device)
 
 
-def _call(fn, case, z1, z2, target):
+def call_once(fn, case, z1, z2, target):
     if case.mode == "fwd":
         with torch.no_grad():
             return fn(z1, z2, target)
@@ -61,7 +61,7 @@ def _call(fn, case, z1, z2, target):
     return torch.autograd.grad(loss, (a, b))
 
 
-def _fresh(case, provider, z1, z2):
+def fresh_inputs(case, provider, z1, z2):
     """Inputs for one call: in-place providers get copies, since they overwrite the logits."""
     if provider.inplace:
         return z1.clone(), z2.clone()
@@ -95,13 +95,13 @@ def _release_freed_memory():
 def peak_extra_bytes(fn, case, provider, z1, z2, target, device):
     """Peak memory one call adds on top of its inputs, the returned gradients included. CPU: the
     resident set of this process (its peak is reset first), so run one case per process."""
-    a, b = _fresh(case, provider, z1, z2)
+    a, b = fresh_inputs(case, provider, z1, z2)
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        out = _call(fn, case, a, b, target)
+        out = call_once(fn, case, a, b, target)
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
@@ -109,7 +109,7 @@ def peak_extra_bytes(fn, case, provider, z1, z2, target, device):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak resident set size (VmHWM) to the current one
         base = _current_rss()
-        out = _call(fn, case, a, b, target)
+        out = call_once(fn, case, a, b, target)
         peak = _peak_rss() - base
     del out
     return max(peak, 0)
@@ -119,10 +119,10 @@ def time_calls(fn, case, provider, z1, z2, target, device, repeats, warmup=2):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region."""
     samples = []
     for i in range(warmup + repeats):
-        a, b = _fresh(case, provider, z1, z2)
+        a, b = fresh_inputs(case, provider, z1, z2)
         synchronize(device)
         start = time.perf_counter()
-        out = _call(fn, case, a, b, target)
+        out = call_once(fn, case, a, b, target)
         synchronize(device)
         if i >= warmup:
             samples.append(time.perf_counter() - start)
@@ -176,9 +176,10 @@ def measure(case, device, repeats):
                 input_mib=2 * z1.numel() * z1.element_size() / 2**20)
 
 
-def measure_in_subprocess(case, device, repeats):
-    """measure() in a fresh process, so that its peak resident memory is the case's own."""
-    args = json.dumps(dict(case=asdict(case), device=str(device), repeats=repeats))
+def measure_in_subprocess(cases, device, repeats):
+    """measure() of each case in one fresh process, so that the peak resident memory of a case
+    is its own and not that of another provider (the cases share a provider and sizes)."""
+    args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats))
     done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args], check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -219,5 +220,5 @@ def _cpu_name():
 
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
-    print(json.dumps(measure(Case(**request["case"]), torch.device(request["device"]),
-                             request["repeats"])))
+    device = torch.device(request["device"])
+    print(json.dumps([measure(Case(**c), device, request["repeats"]) for c in request["cases"]]))

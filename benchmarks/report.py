@@ -12,7 +12,7 @@ STYLES = {  # provider -> (color, marker, linestyle): distinct in color and in s
 
 
 def progress(cases):
-    """Iterate over cases with a progress bar naming the current one."""
+    """Iterate over groups of cases with a progress bar naming the current one."""
     try:
         from tqdm import tqdm
     except ImportError:
@@ -28,8 +28,10 @@ def progress(cases):
         yield case
 
 
-def _label(case):
-    return f"N={case.n_tokens} V={case.vocab_size} {case.dtype} {case.mode} {case.provider}"
+def _label(group):
+    case = group[0]
+    modes = ", ".join(c.mode for c in group)
+    return f"N={case.n_tokens} V={case.vocab_size} {case.dtype} {case.provider} ({modes})"
 
 
 def markdown(result):
@@ -65,27 +67,31 @@ def _key(row):
     return row["n_tokens"], row["vocab_size"], row["dtype"], row["mode"]
 
 
-def plots(result, out, mode="fwd+bwd"):
-    """time, memory and share of copy bandwidth vs V: one panel per (N, dtype), one line per
-    provider."""
+def plots(result, out):
+    """time, peak memory and share of copy bandwidth vs V: one figure each, one panel per
+    (mode, N, dtype), one line per provider."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in result["rows"] if r["status"] == "ok" and r["mode"] == mode]
+    rows = [r for r in result["rows"] if r["status"] == "ok"]
+    modes = [m for m in ("fwd", "fwd+bwd") if any(r["mode"] == m for r in rows)]
     panels = sorted({(r["n_tokens"], r["dtype"]) for r in rows})
+    if not rows:
+        return
     env = result["environment"]
-    metrics = [("median_ms", "time per call (ms)", "time", True),
-               ("peak_extra_mib", "peak extra memory (MiB)", "memory", True),
-               ("fraction_of_copy", "share of device-copy bandwidth", "bandwidth", False)]
-    for field, ylabel, name, log in metrics:
-        fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.5), squeeze=False)
-        for ax, (n, dtype) in zip(axes[0], panels, strict=True):
-            for provider, group in itertools.groupby(
-                    sorted((r for r in rows if (r["n_tokens"], r["dtype"]) == (n, dtype)),
-                           key=lambda r: (r["provider"], r["vocab_size"])),
-                    key=lambda r: r["provider"]):
+    metrics = [("median_ms", "time per call (ms, log)", "time", "log"),
+               ("peak_extra_mib", "peak extra memory (MiB)", "memory", "linear"),
+               ("fraction_of_copy", "% of device-copy bandwidth", "bandwidth", "linear")]
+    for field, ylabel, name, scale in metrics:
+        fig, axes = plt.subplots(len(modes), len(panels), squeeze=False,
+                                 figsize=(5.5 * len(panels), 4.2 * len(modes)))
+        for (i, mode), (j, (n, dtype)) in itertools.product(enumerate(modes), enumerate(panels)):
+            ax = axes[i][j]
+            cell = sorted((r for r in rows if (r["mode"], r["n_tokens"], r["dtype"]) ==
+                           (mode, n, dtype)), key=lambda r: (r["provider"], r["vocab_size"]))
+            for provider, group in itertools.groupby(cell, key=lambda r: r["provider"]):
                 group = list(group)
                 color, marker, style = STYLES.get(provider, ("black", "x", ":"))
                 values = [r[field] * (100 if field == "fraction_of_copy" else 1) for r in group]
@@ -93,12 +99,11 @@ def plots(result, out, mode="fwd+bwd"):
                         marker=marker, linestyle=style, linewidth=2, markersize=7)
             ax.set_title(f"{mode}, N={n}, {dtype}")
             ax.set_xlabel("vocabulary size V")
-            ax.set_ylabel(ylabel if field != "fraction_of_copy" else "% of device-copy GB/s")
-            if log:
-                ax.set_yscale("log")
+            ax.set_ylabel(ylabel)
+            ax.set_yscale(scale)
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend()
+            ax.legend(fontsize=9)
         fig.suptitle(f"fastrdrop vs alternatives on {env['device']} ({env['date'][:10]})")
         fig.tight_layout()
-        fig.savefig(out / f"{name}_vs_vocab.png", dpi=110)
+        fig.savefig(out / f"{name}_vs_vocab.png", dpi=100)
         plt.close(fig)

@@ -1,0 +1,37 @@
+"""pytest-benchmark suite: ``pytest benchmarks --benchmark-only``. Each provider, forward and
+forward+backward, one size per device (the runner ``python -m benchmarks`` sweeps the grid)."""
+
+import pytest
+import torch
+
+from benchmarks.measure import MODES, Case, call_once, fresh_inputs, make_inputs, synchronize
+from benchmarks.providers import PROVIDERS
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SIZES = [(8192, 128256, "bfloat16")] if DEVICE.type == "cuda" else [(128, 32000, "float32")]
+
+
+@pytest.mark.parametrize("size", SIZES, ids=lambda s: f"N{s[0]}-V{s[1]}-{s[2]}")
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("name", list(PROVIDERS))
+def test_rdrop(benchmark, name, mode, size):
+    provider = PROVIDERS[name]
+    reason = provider.unavailable(DEVICE)
+    if reason is not None:
+        pytest.skip(reason)
+    case = Case(*size, name, mode)
+    fn = provider.make()
+    z1, z2, target = make_inputs(case, DEVICE)
+
+    def setup():  # outside the timed call: in-place providers get fresh copies of the logits
+        return (*fresh_inputs(case, provider, z1, z2), target), {}
+
+    def timed(a, b, y):
+        out = call_once(fn, case, a, b, y)
+        synchronize(DEVICE)  # the GPU's work counts, not just its launch
+        return out
+
+    # I/O floor: read z1 and z2 once (fwd); also write dz1 and dz2 once (fwd+bwd)
+    benchmark.extra_info.update(device=str(DEVICE), min_bytes=case.min_bytes(),
+                                torch=torch.__version__)
+    benchmark.pedantic(timed, setup=setup, rounds=5, warmup_rounds=1)
