@@ -32,7 +32,8 @@ bench: $(STAMP)  ## benchmark every provider on this machine; prints the table, 
 # On a GPU machine whose Python already has torch and triton (nothing is downloaded there).
 gpu-check:  ## install into the current Python, run the tests on CUDA, then the GPU benchmarks
 	$(PYTHON) -m pip install --quiet --no-build-isolation --no-deps .
-	cd tests && $(PYTHON) -m pytest -q -p no:cacheprovider --rootdir=.. ..
+	$(PYTHON) -m pytest -q -p no:cacheprovider
+	$(PYTHON) -m benchmarks --preset gpu-quick
 	$(PYTHON) -m benchmarks
 
 clean:  ## remove the virtual environment and build outputs

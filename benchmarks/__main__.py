@@ -23,22 +23,35 @@ GPU_GRID = dict(tokens=[4096, 8192, 16384], vocab=[32000, 128256, 151936, 262144
                 dtypes=["bfloat16"], repeats=10)
 GPU_FP32 = dict(tokens=[4096], vocab=[32000, 128256, 151936, 262144], dtypes=["float32"])
 CPU_GRID = dict(tokens=[256], vocab=[32000, 131072], dtypes=["float32", "bfloat16"], repeats=5)
+# Named subsets; cpu-native: the native CPU kernel's case, fwd+bwd at N=256, V=131072.
+PRESETS = {
+    # one GPU case first, so that a short GPU session has it: N=8192, V=128256, bf16
+    "gpu-quick": dict(tokens=[8192], vocab=[128256], dtypes=["bfloat16"], repeats=10),
+    "cpu-native": dict(tokens=[256], vocab=[131072], dtypes=["float32", "bfloat16"],
+                       modes=["fwd+bwd"], repeats=7,
+                       providers=["eager", "compile", "fastrdrop", "fastrdrop-inplace"]),
+}
 
 
 def parse_args():
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--preset", choices=list(PRESETS), help="a named set of the options below")
     parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"])
-    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS), default=list(PROVIDERS))
+    parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
+                        default=list(PROVIDERS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>)")
     parser.add_argument("--no-plots", action="store_true")
-    return parser.parse_args()
+    args = parser.parse_args()
+    for key, value in PRESETS.get(args.preset, {}).items():
+        setattr(args, key, value)
+    return args
 
 
 def case_groups(args, device):
@@ -84,12 +97,12 @@ def main():
                 row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
         rows.extend(group_rows)
 
-    default_out = Path(__file__).parent / "results" / f"{_slug(env['device'])}-{env['date'][:10]}"
-    out = args.out or default_out
+    name = f"{_slug(env['device'])}-{env['date'][:10]}" + (f"-{args.preset}" if args.preset else "")
+    out = args.out or Path(__file__).parent / "results" / name
     out.mkdir(parents=True, exist_ok=True)
     result = dict(environment=env, repeats=repeats, rows=rows)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = report.markdown(result)
+    table = report.markdown(result) + "\n" + report.goals(result)
     (out / "results.md").write_text(table)
     if not args.no_plots:
         report.plots(result, out)

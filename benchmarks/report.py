@@ -63,6 +63,38 @@ def markdown(result):
     return "\n".join(lines) + "\n"
 
 
+def goals(result):
+    """The performance goals of DESIGN.md section 7 that these rows can judge, each with its
+    measured ratio: fwd+bwd of fastrdrop against the other providers, and its memory."""
+    rows = [r for r in result["rows"] if r["status"] == "ok" and r["mode"] == "fwd+bwd"]
+    by = {(r["n_tokens"], r["vocab_size"], r["dtype"], r["provider"]): r for r in rows}
+    on_gpu = result["environment"]["device_type"] == "cuda"
+    lines = ["Goals (DESIGN.md section 7), fwd+bwd:", ""]
+    for (n, v, dtype, provider), r in sorted(by.items()):
+        if provider != "fastrdrop" or (on_gpu and (dtype != "bfloat16" or v < 128000)):
+            continue
+        checks = [("eager", 6 if on_gpu else 20), ("compile", 2 if on_gpu else 4)]
+        checks += [("liger", 2)] if on_gpu else []
+        for other, goal in checks:
+            if on_gpu or other == "eager" or dtype == "float32":
+                base = by.get((n, v, dtype, other))
+                if base:
+                    ratio = base["median_ms"] / r["median_ms"]
+                    lines.append(f"- N={n} V={v} {dtype}: {ratio:.1f}x faster than {other} "
+                                 f"(goal >= {goal}x): {'met' if ratio >= goal else 'NOT met'}")
+        if on_gpu:
+            share = r["fraction_of_copy"]  # = floor time / time
+            lines.append(f"- N={n} V={v} {dtype}: {100 * share:.0f}% of copy bandwidth, i.e. "
+                         f"{1 / share:.2f}x the floor (goal <= 1.3x): "
+                         f"{'met' if 1 / share <= 1.3 else 'NOT met'}")
+        else:
+            limit = r["input_mib"] * 1.05  # gradients (the size of the inputs) + 5% of inputs
+            lines.append(f"- N={n} V={v} {dtype}: peak extra memory {r['peak_extra_mib']:.0f} "
+                         f"MiB, goal <= gradients + 5% of inputs = {limit:.0f} MiB: "
+                         f"{'met' if r['peak_extra_mib'] <= limit else 'NOT met'}")
+    return "\n".join(lines) + "\n"
+
+
 def _key(row):
     return row["n_tokens"], row["vocab_size"], row["dtype"], row["mode"]
 
