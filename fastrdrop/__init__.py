@@ -2,7 +2,9 @@
 
 from . import reference
 from ._common import RDropParts
+from .linear import LinearRDropLoss, linear_rdrop_loss
 from .loss import RDropLoss, rdrop_loss
 
-__all__ = ["RDropLoss", "RDropParts", "rdrop_loss", "reference"]
+__all__ = ["LinearRDropLoss", "RDropLoss", "RDropParts", "linear_rdrop_loss", "rdrop_loss",
+           "reference"]
 __version__ = "0.1.0"

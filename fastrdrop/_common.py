@@ -36,44 +36,52 @@ def check_args(
     softcap: Optional[float],
 ) -> None:
     """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync)."""
-    for name, t in (("logits1", logits1), ("logits2", logits2)):
+    check_pair("logits1", logits1, "logits2", logits2, last_dim="V", what="the vocabulary")
+    check_target(target, logits1, "logits1", "the vocabulary")
+    check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, softcap=softcap)
+
+
+def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
+               what: str) -> None:
+    """Two floating-point tensors [..., last_dim >= 1] of one shape, dtype and device."""
+    for name, t in ((name1, t1), (name2, t2)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
-    if logits1.dim() == 0 or logits1.shape[-1] == 0:
+    if t1.dim() == 0 or t1.shape[-1] == 0:
+        raise ValueError(f"{name1} must have shape [..., {last_dim}] with {last_dim} >= 1 "
+                         f"({what}), got {_shape(t1)}")
+    if t2.shape != t1.shape:
         raise ValueError(
-            f"logits1 must have shape [..., V] with V >= 1 (the vocabulary), got {_shape(logits1)}"
-        )
-    if logits2.shape != logits1.shape:
-        raise ValueError(
-            f"logits2 must have the same shape as logits1 ({_shape(logits1)}), "
-            f"got {_shape(logits2)}"
-        )
-    if logits2.dtype != logits1.dtype:
+            f"{name2} must have the same shape as {name1} ({_shape(t1)}), got {_shape(t2)}")
+    if t2.dtype != t1.dtype:
         raise TypeError(
-            f"logits2 must have the same dtype as logits1 ({logits1.dtype}), got {logits2.dtype}"
-        )
-    if logits2.device != logits1.device:
+            f"{name2} must have the same dtype as {name1} ({t1.dtype}), got {t2.dtype}")
+    if t2.device != t1.device:
         raise ValueError(
-            f"logits2 must be on the same device as logits1 ({logits1.device}), "
-            f"got {logits2.device}"
-        )
-    if target is not None:
-        if not isinstance(target, Tensor):
-            raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
-        if target.shape != logits1.shape[:-1]:
-            raise ValueError(
-                f"target must have shape {_shape(logits1)[:-1]} (logits1's shape without the "
-                f"vocabulary), got {_shape(target)}"
-            )
-        if target.device != logits1.device:
-            raise ValueError(
-                f"target must be on the same device as logits1 ({logits1.device}), "
-                f"got {target.device}"
-            )
+            f"{name2} must be on the same device as {name1} ({t1.device}), got {t2.device}")
+
+
+def check_target(target: Optional[Tensor], like: Tensor, name: str, what: str) -> None:
+    """None, or integer labels shaped like ``like`` without its last dim, on its device."""
+    if target is None:
+        return
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
+    if target.shape != like.shape[:-1]:
+        raise ValueError(f"target must have shape {_shape(like)[:-1]} ({name}'s shape without "
+                         f"{what}), got {_shape(target)}")
+    if target.device != like.device:
+        raise ValueError(
+            f"target must be on the same device as {name} ({like.device}), got {target.device}")
+
+
+def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoothing: float,
+                  softcap: Optional[float]) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
     if reduction not in REDUCTIONS:

@@ -55,7 +55,7 @@ def rdrop_loss(
     """
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
-    backend = _resolve_backend(backend, logits1)
+    backend = resolve_backend(backend, logits1)
     if backend == "torch":
         return reference.rdrop_loss(
             logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
@@ -152,7 +152,7 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of rdrop_loss
 
 
-def _resolve_backend(backend: str, logits: Tensor) -> str:
+def resolve_backend(backend: str, logits: Tensor) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = logits.device

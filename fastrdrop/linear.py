@@ -1,0 +1,270 @@
+"""Fused linear R-Drop: the hidden states of both passes and the output embedding -> the loss and
+all gradients, chunk by chunk over tokens, so that at most one chunk of logits exists at a time.
+
+Per chunk of rows: z_k = h_k W^T (+ b) for both passes, the fused kernel writes dL/dz_k into z_k
+in place, then dh_k = dz_k W, dW += dz_k^T h_k and db += sum dz_k, the last two in fp32.
+With a scalar reduction every gradient is known after the forward pass (the backward pass only
+scales them); with reduction="none" the backward pass redoes the chunks with the per-token
+upstream gradient as the row weights.
+"""
+
+import math
+from typing import Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from . import ops, reference
+from ._common import RDropParts, check_options, check_pair, check_target, reduce_rows, row_weights
+from .loss import resolve_backend
+
+
+def linear_rdrop_loss(
+    hidden1: Tensor,
+    hidden2: Tensor,
+    weight: Tensor,
+    target: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    return_parts: bool = False,
+    chunk_size: Optional[int] = None,
+    backend: str = "auto",
+) -> Union[Tensor, RDropParts]:
+    """``rdrop_loss(hidden1 @ weight.T + bias, hidden2 @ weight.T + bias, target, ...)`` without
+    materialising the logits: at most ``chunk_size`` rows of them exist at a time.
+
+    Args:
+        hidden1: [..., H] last hidden states of the first pass.
+        hidden2: [..., H] of the second pass; same shape, dtype and device.
+        weight: [V, H] output embedding (lm_head); no gradient is computed for it when
+            ``weight.requires_grad`` is False (a frozen head, as in LoRA fine-tuning).
+        target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
+        bias: [V] or None.
+        chunk_size: rows per chunk; None picks it with :func:`default_chunk_size`.
+        alpha, ignore_index, reduction, label_smoothing, softcap, return_parts, backend: as in
+            :func:`fastrdrop.rdrop_loss`. The parts of ``RDropParts`` carry no gradient.
+
+    Returns:
+        float32 loss (a scalar, or [...] with ``reduction="none"``), or ``RDropParts``.
+    """
+    check_pair("hidden1", hidden1, "hidden2", hidden2, last_dim="H", what="the hidden size")
+    _check_weight(weight, bias, hidden1)
+    check_target(target, hidden1, "hidden1", "the hidden size")
+    check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, softcap=softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    backend = resolve_backend(backend, hidden1)
+
+    batch_shape = hidden1.shape[:-1]
+    h1 = hidden1.reshape(-1, hidden1.shape[-1])
+    h2 = hidden2.reshape(-1, hidden2.shape[-1])
+    labels = None if target is None else target.reshape(-1)
+    weights = row_weights(target, batch_shape, ignore_index, reduction, hidden1.device)
+    if chunk_size is None:
+        chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
+                                        h1.device)
+    options = (float(alpha), ignore_index, float(label_smoothing),
+               None if softcap is None else float(softcap), backend, chunk_size)
+    rows, parts = LinearRDropFunction.apply(h1, h2, weight, bias, labels, weights,
+                                            reduction == "none", options)
+    loss = rows.reshape(batch_shape) if reduction == "none" else rows
+    if return_parts:
+        ce1, ce2, kl = (reduce_rows(p, weights, reduction, batch_shape) for p in parts)
+        return RDropParts(loss, ce1, ce2, kl)
+    return loss
+
+
+class LinearRDropLoss(nn.Module):
+    """Module form of :func:`linear_rdrop_loss`; the keywords are fixed at construction.
+
+    ``forward(hidden1 [..., H], hidden2 [..., H], weight [V, H], target [...] | None,
+    bias [V] | None)``.
+    """
+
+    def __init__(self, *, alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
+                 label_smoothing: float = 0.0, softcap: Optional[float] = None,
+                 return_parts: bool = False, chunk_size: Optional[int] = None,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        self.kwargs = dict(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing, softcap=softcap,
+                           return_parts=return_parts, chunk_size=chunk_size, backend=backend)
+
+    def forward(self, hidden1: Tensor, hidden2: Tensor, weight: Tensor,
+                target: Optional[Tensor] = None,
+                bias: Optional[Tensor] = None) -> Union[Tensor, RDropParts]:
+        return linear_rdrop_loss(hidden1, hidden2, weight, target, bias, **self.kwargs)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
+
+
+def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
+                       device: torch.device) -> int:
+    """Rows per chunk: a chunk of logits about as large as one pass's hidden states
+    (N H / V rows, rounded up to a power of 2), at least 64 rows so that the matmuls stay
+    efficient, and at most what lets the chunk's logits of both passes, with their fp32 copies
+    for the weight gradient, take a quarter of the free memory."""
+    rows = 2 ** math.ceil(math.log2(max(64, math.ceil(n_rows * hidden_size / vocab_size))))
+    elem = torch.finfo(dtype).bits // 8
+    bytes_per_row = 2 * vocab_size * (elem + (4 if elem < 4 else 0))
+    rows = min(rows, max(1, _free_memory(device) // 4 // bytes_per_row))
+    return max(1, min(rows, n_rows))
+
+
+def _free_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30  # unknown: assume a modest machine
+
+
+def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> None:
+    hidden_size = hidden.shape[-1]
+    if not isinstance(weight, Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] == 0:
+        raise ValueError(f"weight must have shape [V, H={hidden_size}] with V >= 1, got "
+                         f"{list(weight.shape)}")
+    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+        raise TypeError(f"weight must have hidden1's dtype and device ({hidden.dtype}, "
+                        f"{hidden.device}), got {weight.dtype}, {weight.device}")
+    if bias is not None:
+        if not isinstance(bias, Tensor):
+            raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"bias must have shape [V={weight.shape[0]}], got "
+                             f"{list(bias.shape)}")
+        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+            raise TypeError(f"bias must have hidden1's dtype and device ({hidden.dtype}, "
+                            f"{hidden.device}), got {bias.dtype}, {bias.device}")
+
+
+class LinearRDropFunction(torch.autograd.Function):
+    """(h1 [N, H], h2 [N, H], W [V, H], b [V] | None, target [N] | None, row_weight [N],
+    per_token, options) -> (loss: a scalar, or [N] when per_token; parts [3, N] detached)."""
+
+    @staticmethod
+    def forward(ctx, hidden1, hidden2, weight, bias, target, row_weight, per_token, options):
+        alpha = options[0]
+        ctx.per_token, ctx.options = per_token, options
+        if per_token:  # the gradients wait for the per-token upstream gradient
+            parts, _ = _chunks(hidden1, hidden2, weight, bias, target, None, options, (False,) * 4)
+            ctx.save_for_backward(hidden1, hidden2, weight, bias, target, row_weight)
+            loss = row_weight * (parts[0] + parts[1] + alpha * parts[2])
+        else:
+            parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target, row_weight,
+                                       options, ctx.needs_input_grad[:4])
+            loss = (row_weight * (parts[0] + parts[1] + alpha * parts[2])).sum()
+        ctx.mark_non_differentiable(parts)
+        return loss, parts
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_parts):
+        if ctx.per_token:
+            hidden1, hidden2, weight, bias, target, row_weight = ctx.saved_tensors
+            _, grads = _chunks(hidden1, hidden2, weight, bias, target, grad_loss * row_weight,
+                               ctx.options, ctx.needs_input_grad[:4])
+        else:
+            grads = ctx.grads
+            if torch.compiler.is_compiling() or grad_loss.item() != 1.0:
+                grads = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
+        return (*grads, None, None, None, None)
+
+
+def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
+    """Per-row parts [3, N] and, with ``row_weight``, the gradients (dh1, dh2, dW, db) that
+    ``needs`` asks for, of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r.
+
+    A chunk stacks c rows of both passes, [h1; h2] [2c, H], so that each matmul runs once for
+    both passes and its logits z [2c, V] hold z1 = z[:c] and z2 = z[c:]."""
+    alpha, ignore_index, label_smoothing, softcap, backend, chunk_size = options
+    kernel_args = (ignore_index, label_smoothing, softcap, backend)
+    n_rows = hidden1.shape[0]
+    parts = torch.empty((3, n_rows), dtype=torch.float32, device=hidden1.device)
+    with_grads = row_weight is not None
+    dh1 = torch.empty_like(hidden1) if with_grads and needs[0] else None
+    dh2 = torch.empty_like(hidden2) if with_grads and needs[1] else None
+    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+        if with_grads and needs[2] else None
+    db = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device) \
+        if with_grads and needs[3] else None
+    for start in range(0, n_rows, chunk_size):
+        rows = slice(start, start + chunk_size)
+        h = torch.cat([hidden1[rows], hidden2[rows]])
+        c = h.shape[0] // 2
+        z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
+        labels = None if target is None else target[rows]
+        if not with_grads:
+            parts[:, rows] = _forward(z[:c], z[c:], labels, kernel_args)
+            continue
+        # z becomes dL/dz in place
+        parts[:, rows] = _gradients_into_logits(z[:c], z[c:], labels, row_weight[rows], alpha,
+                                                kernel_args)
+        if dh1 is not None or dh2 is not None:
+            dh = torch.mm(z, weight)  # dh = dz W
+            for out, half in ((dh1, dh[:c]), (dh2, dh[c:])):
+                if out is not None:
+                    out[rows] = half
+        if dw is not None:
+            _add_matmul_(dw, z.t(), h)  # dW += dz^T h
+        if db is not None:
+            db += z.sum(0, dtype=torch.float32)  # db += sum_rows dz
+    if not with_grads:
+        return parts, None
+    return parts, (dh1, dh2, None if dw is None else dw.to(weight.dtype),
+                   None if db is None else db.to(bias.dtype))
+
+
+def _add_matmul_(acc, a, b):
+    """acc += a @ b with fp32 accumulation whatever the dtype of a and b (acc is fp32)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif a.is_cuda:
+        acc += torch.mm(a, b, out_dtype=acc.dtype)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+def _forward(z1, z2, labels, kernel_args):
+    backend = kernel_args[-1]
+    if backend == "torch":
+        parts = reference.rdrop_loss(z1, z2, labels, reduction="none", return_parts=True,
+                                     **_reference_kwargs(kernel_args))
+        return torch.stack(parts[1:])
+    return ops.rdrop_forward(z1, z2, labels, *kernel_args)[0]
+
+
+def _gradients_into_logits(z1, z2, labels, row_weight, alpha, kernel_args):
+    """Overwrite z1, z2 with the gradients of sum_r w_r (CE_1 + CE_2 + alpha symKL)_r; return
+    the per-row parts [3, c]."""
+    backend = kernel_args[-1]
+    if backend != "torch":
+        return ops.rdrop_forward_inplace(z1, z2, labels, row_weight, alpha, *kernel_args)
+    a, b = z1.detach().requires_grad_(), z2.detach().requires_grad_()
+    with torch.enable_grad():
+        parts = reference.rdrop_loss(a, b, labels, reduction="none", return_parts=True,
+                                     **_reference_kwargs(kernel_args))
+        rows = parts.ce1 + parts.ce2 + alpha * parts.kl
+        grad1, grad2 = torch.autograd.grad((rows * row_weight).sum(), (a, b))
+    z1.copy_(grad1)
+    z2.copy_(grad2)
+    return torch.stack(parts[1:]).detach()
+
+
+def _reference_kwargs(kernel_args):
+    ignore_index, label_smoothing, softcap, _ = kernel_args
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, softcap=softcap)

@@ -1,0 +1,162 @@
+"""linear_rdrop_loss against the float64 oracle on hidden @ weight.T + bias, by the rule of
+tests/oracle.py, for the loss and the gradients of hidden1, hidden2, weight and bias."""
+
+import pytest
+import torch
+
+import fastrdrop
+from fastrdrop import linear, reference
+
+from conftest import DEVICE, fused_backends
+from inputs import labels
+from oracle import assert_oracle_rule, oracle_loss
+
+BACKENDS = [*fused_backends(), "torch"]
+N, H, V = 37, 67, 1271  # H=67, V=1271: not powers of 2; N=37: not a multiple of the chunk
+
+
+def linear_inputs(dtype, with_bias, frozen_weight, n_rows=N):
+    h1 = torch.randn(n_rows, H, dtype=torch.float64)
+    h2 = h1 + 0.1 * torch.randn_like(h1)
+    weight = torch.randn(V, H, dtype=torch.float64) / H ** 0.5 * 3
+    bias = torch.randn(V, dtype=torch.float64) if with_bias else None
+    tensors = [t.to(DEVICE, dtype) for t in (h1, h2, weight)] + [
+        None if bias is None else bias.to(DEVICE, dtype)]
+    trainable = [True, True, not frozen_weight, with_bias]
+    return tensors, trainable
+
+
+def loss_and_grads(fn, tensors, trainable, grad_output, dtype=None):
+    leaves = [None if t is None else t.detach().clone().to(dtype or t.dtype).requires_grad_(r)
+              for t, r in zip(tensors, trainable, strict=True)]
+    loss = fn(*leaves)
+    wanted = [t for t in leaves if t is not None and t.requires_grad]
+    grads = iter(torch.autograd.grad(loss, wanted, grad_output.to(loss.dtype)))
+    return [loss.detach()] + [next(grads) if t is not None and t.requires_grad else None
+                              for t in leaves]
+
+
+def check_linear(backend, dtype, *, reduction="mean", has_target=True, label_smoothing=0.0,
+                 softcap=None, with_bias=False, frozen_weight=False, chunk_size=8):
+    tensors, trainable = linear_inputs(dtype, with_bias, frozen_weight)
+    target = labels((N,), V) if has_target else None
+    kwargs = dict(alpha=0.8, reduction=reduction, label_smoothing=label_smoothing,
+                  softcap=softcap)
+
+    def fused(h1, h2, w, b):
+        return fastrdrop.linear_rdrop_loss(h1, h2, w, target, b, chunk_size=chunk_size,
+                                           backend=backend, **kwargs)
+
+    def eager(h1, h2, w, b, loss=reference.rdrop_loss):  # matmul, then the loss
+        z1, z2 = (h @ w.t() + (0 if b is None else b) for h in (h1, h2))
+        return loss(z1, z2, target, **kwargs)
+
+    def truth(h1, h2, w, b):
+        return eager(h1, h2, w, b, loss=oracle_loss)
+
+    shape = (N,) if reduction == "none" else ()
+    grad_output = (torch.rand(shape) + 0.5).to(DEVICE)
+    results = [loss_and_grads(fused, tensors, trainable, grad_output),
+               loss_and_grads(eager, tensors, trainable, grad_output),
+               loss_and_grads(truth, tensors, trainable, grad_output, torch.float64)]
+    for what, f, e, t in zip(("loss", "dhidden1", "dhidden2", "dweight", "dbias"), *results,
+                             strict=True):
+        assert (f is None) == (t is None), what
+        if f is not None:
+            assert f.dtype == (torch.float32 if what == "loss" else dtype), what
+            assert_oracle_rule(f, e, t, dtype, what)
+    return results[0]
+
+
+COVERING = [  # reduction, has_target, label_smoothing, softcap, with_bias, frozen_weight
+    ("mean", True, 0.1, 30.0, True, False),
+    ("sum", False, 0.0, None, False, False),
+    ("none", True, 0.0, 30.0, True, True),
+    ("batchmean", True, 0.1, None, False, True),
+    ("none", False, 0.1, None, True, False),
+    ("mean", True, 0.0, None, False, False),
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", COVERING, ids=lambda c: "-".join(map(str, c)))
+def test_linear_matches_oracle(backend, dtype, case):
+    reduction, has_target, label_smoothing, softcap, with_bias, frozen_weight = case
+    check_linear(backend, dtype, reduction=reduction, has_target=has_target,
+                 label_smoothing=label_smoothing, softcap=softcap, with_bias=with_bias,
+                 frozen_weight=frozen_weight)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_chunk_size_and_leading_dims(backend):
+    # chunk_size=None picks a size; [B, T, H] inputs give [B, T] per-token losses.
+    tensors, _ = linear_inputs(torch.float32, True, False, n_rows=2 * 19)
+    h1, h2, w, b = tensors
+    target = labels((2, 19), V)
+    loss = fastrdrop.linear_rdrop_loss(h1.view(2, 19, H), h2.view(2, 19, H), w, target, b,
+                                       reduction="none", backend=backend)
+    expected = reference.rdrop_loss(h1 @ w.t() + b, h2 @ w.t() + b, target.view(-1),
+                                    reduction="none").view(2, 19)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_chunk_size_rule(monkeypatch):
+    # about N H / V rows as a power of 2, at least 64, at most the rows there are, and at most
+    # a quarter of the free memory for the chunk's logits and their fp32 copies
+    monkeypatch.setattr(linear, "_free_memory", lambda device: 64 << 30)
+    assert linear.default_chunk_size(4096, 1024, 32000, torch.float32, DEVICE) == 256
+    assert linear.default_chunk_size(16384, 4096, 128256, torch.bfloat16, DEVICE) == 1024
+    assert linear.default_chunk_size(100_000, 64, 32000, torch.float32, DEVICE) == 256
+    assert linear.default_chunk_size(10, 1024, 32000, torch.float32, DEVICE) == 10
+    monkeypatch.setattr(linear, "_free_memory", lambda device: 1 << 30)
+    per_row = 2 * 128256 * (2 + 4)
+    assert linear.default_chunk_size(16384, 4096, 128256, torch.bfloat16, DEVICE) == (
+        (1 << 30) // 4 // per_row)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_weight_skips_its_gradient(backend, monkeypatch):
+    # No weight gradient is computed at all when the head is frozen (LoRA fine-tuning).
+    def fail(*args):
+        raise AssertionError("weight gradient computed for a frozen weight")
+
+    monkeypatch.setattr(linear, "_add_matmul_", fail)
+    (h1, h2, w, _), _ = linear_inputs(torch.float32, False, True)
+    h1.requires_grad_()
+    loss = fastrdrop.linear_rdrop_loss(h1, h2, w, labels((N,), V), backend=backend,
+                                       chunk_size=16)
+    loss.backward()
+    assert h1.grad is not None and w.grad is None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parts_and_module(backend):
+    tensors, _ = linear_inputs(torch.float32, True, False)
+    h1, h2, w, b = tensors
+    target = labels((N,), V)
+    module = fastrdrop.LinearRDropLoss(alpha=0.5, return_parts=True, chunk_size=10,
+                                       backend=backend)
+    parts = module(h1, h2, w, target, b)
+    expected = reference.rdrop_loss(h1 @ w.t() + b, h2 @ w.t() + b, target, alpha=0.5,
+                                    return_parts=True)
+    for got, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert "chunk_size=10" in repr(module)
+
+
+@pytest.mark.parametrize("change, error, words", [
+    (lambda a: a.update(weight=a["weight"][:, :-1]), ValueError, "weight must have shape"),
+    (lambda a: a.update(weight=a["weight"].double()), TypeError, "weight must have hidden1's"),
+    (lambda a: a.update(bias=torch.zeros(3)), ValueError, "bias must have shape"),
+    (lambda a: a.update(hidden2=a["hidden2"][:-1]), ValueError, "hidden2 must have the same"),
+    (lambda a: a.update(target=a["target"][:-1]), ValueError, "target must have shape"),
+    (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
+    (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
+])
+def test_bad_input(change, error, words):
+    (h1, h2, w, _), _ = linear_inputs(torch.float32, False, False)
+    args = dict(hidden1=h1, hidden2=h2, weight=w, target=labels((N,), V))
+    change(args)
+    with pytest.raises(error, match=words):
+        fastrdrop.linear_rdrop_loss(**args)
