@@ -18,11 +18,13 @@ from benchmarks import report
 from benchmarks.measure import MODES, Case, environment, measure, measure_in_subprocess, time_copy
 from benchmarks.providers import PROVIDERS
 
-# DESIGN.md section 6 on a GPU; on 2 CPU cores, sizes that finish in a few minutes.
+# DESIGN.md section 6 on a GPU; on 2 CPU cores, sizes that finish in a few minutes. The linear
+# providers run where a grid names hidden sizes (their matmuls dominate: see the presets).
 GPU_GRID = dict(tokens=[4096, 8192, 16384], vocab=[32000, 128256, 151936, 262144],
                 dtypes=["bfloat16"], repeats=10)
 GPU_FP32 = dict(tokens=[4096], vocab=[32000, 128256, 151936, 262144], dtypes=["float32"])
 CPU_GRID = dict(tokens=[256], vocab=[32000, 131072], dtypes=["float32", "bfloat16"], repeats=5)
+LINEAR = ["matmul+eager", "matmul+fastrdrop", "fastrdrop-linear"]
 # Named subsets; cpu-native: the native CPU kernel's case, fwd+bwd at N=256, V=131072.
 PRESETS = {
     # one GPU case first, so that a short GPU session has it: N=8192, V=128256, bf16
@@ -30,6 +32,11 @@ PRESETS = {
     "cpu-native": dict(tokens=[256], vocab=[131072], dtypes=["float32", "bfloat16"],
                        modes=["fwd+bwd"], repeats=7,
                        providers=["eager", "compile", "fastrdrop", "fastrdrop-inplace"]),
+    # the fused linear variant against matmul + a loss, each in its own process on CPU
+    "cpu-linear": dict(tokens=[4096], vocab=[32000], hidden=[1024], dtypes=["float32"],
+                       modes=["fwd+bwd"], repeats=5, warmup=1, providers=LINEAR),
+    "gpu-linear": dict(tokens=[16384], vocab=[128256], hidden=[4096], dtypes=["bfloat16"],
+                       modes=["fwd+bwd"], repeats=10, providers=LINEAR),
 }
 
 
@@ -40,11 +47,14 @@ def parse_args():
     parser.add_argument("--preset", choices=list(PRESETS), help="a named set of the options below")
     parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[],
+                        help="H values for the linear providers (default: none)")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
                         default=list(PROVIDERS))
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>)")
     parser.add_argument("--no-plots", action="store_true")
@@ -66,7 +76,8 @@ def case_groups(args, device):
     for grid in grids:
         for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
             for provider in args.providers:
-                yield [Case(n, v, dtype, provider, mode) for mode in args.modes]
+                for h in args.hidden if PROVIDERS[provider].linear else [0]:
+                    yield [Case(n, v, dtype, provider, mode, h) for mode in args.modes]
 
 
 def main():
@@ -82,14 +93,14 @@ def main():
             elem = torch.finfo(getattr(torch, first.dtype)).bits // 8
             n_bytes = 2 * first.n_tokens * first.vocab_size * elem
             # a copy reads and writes n_bytes
-            copy_gbps[key] = 2 * n_bytes / time_copy(n_bytes, device, repeats) / 1e9
+            copy_gbps[key] = 2 * n_bytes / time_copy(n_bytes, device, max(repeats, 5)) / 1e9
         reason = PROVIDERS[first.provider].unavailable(device)
         if reason is not None:
             group_rows = [dict(asdict(case), status=f"skipped: {reason}") for case in group]
         elif device.type == "cpu":
-            group_rows = measure_in_subprocess(group, device, repeats)
+            group_rows = measure_in_subprocess(group, device, repeats, args.warmup)
         else:
-            group_rows = [measure(case, device, repeats) for case in group]
+            group_rows = [measure(case, device, repeats, args.warmup) for case in group]
             torch.cuda.empty_cache()
         for row in group_rows:
             if row["status"] == "ok":

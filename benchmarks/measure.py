@@ -28,12 +28,15 @@ class Case:
     dtype: str  # "bfloat16" | "float32" | "float16"
     provider: str
     mode: str  # "fwd" | "fwd+bwd"
+    hidden_size: int = 0  # 0: the provider takes two logits; H: two hidden states and [V, H]
 
     def min_bytes(self) -> int:
-        # I/O floor: read z1 and z2 once (fwd); also write dz1 and dz2 once (fwd+bwd)
+        # I/O floor: read each input once (fwd); also write each input's gradient once (fwd+bwd).
+        # Inputs: z1, z2 [N, V]; or h1, h2 [N, H] and the weight [V, H].
         elem = torch.finfo(getattr(torch, self.dtype)).bits // 8
-        tensors = 2 if self.mode == "fwd" else 4
-        return tensors * self.n_tokens * self.vocab_size * elem
+        n, v, h = self.n_tokens, self.vocab_size, self.hidden_size
+        elements = 2 * n * h + v * h if h else 2 * n * v
+        return (1 if self.mode == "fwd" else 2) * elements * elem
 
 
 def synchronize(device):
@@ -42,30 +45,36 @@ def synchronize(device):
 
 
 def make_inputs(case, device, seed=0):
-    """Two dropout-like passes of logits and labels (none ignored: every provider agrees)."""
+    """(inputs, target): two dropout-like passes of logits, or of hidden states with an output
+    embedding; labels with none ignored, so that every provider agrees."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    shape = (case.n_tokens, case.vocab_size)
-    z1 = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(3.0)
-    z2 = torch.randn(shape, generator=gen, dtype=torch.float32).mul_(0.5).add_(z1)
-    target = torch.randint(0, case.vocab_size, (case.n_tokens,), generator=gen)
+    n, v, h = case.n_tokens, case.vocab_size, case.hidden_size
+    if h:
+        h1 = torch.randn((n, h), generator=gen)
+        h2 = torch.randn((n, h), generator=gen).mul_(0.1).add_(h1)
+        weight = torch.randn((v, h), generator=gen).mul_(3.0 / h ** 0.5)
+        inputs = (h1, h2, weight)
+    else:
+        z1 = torch.randn((n, v), generator=gen).mul_(3.0)
+        z2 = torch.randn((n, v), generator=gen).mul_(0.5).add_(z1)
+        inputs = (z1, z2)
+    target = torch.randint(0, v, (n,), generator=gen)
     dtype = getattr(torch, case.dtype)
-    return z1.to(device, dtype), z2.to(device, dtype), target.to(device)
+    return tuple(t.to(device, dtype) for t in inputs), target.to(device)
 
 
-def call_once(fn, case, z1, z2, target):
+def call_once(fn, case, inputs, target):
+    """One call: the loss (fwd), or the gradients of every input (fwd+bwd)."""
     if case.mode == "fwd":
         with torch.no_grad():
-            return fn(z1, z2, target)
-    a, b = z1.requires_grad_(), z2.requires_grad_()
-    loss = fn(a, b, target)
-    return torch.autograd.grad(loss, (a, b))
+            return fn(*inputs, target)
+    leaves = [t.requires_grad_() for t in inputs]
+    return torch.autograd.grad(fn(*leaves, target), leaves)
 
 
-def fresh_inputs(case, provider, z1, z2):
+def fresh_inputs(case, provider, inputs):
     """Inputs for one call: in-place providers get copies, since they overwrite the logits."""
-    if provider.inplace:
-        return z1.clone(), z2.clone()
-    return z1.detach(), z2.detach()
+    return tuple(t.clone() if provider.inplace else t.detach() for t in inputs)
 
 
 def _current_rss():
@@ -92,16 +101,16 @@ def _release_freed_memory():
     libc.malloc_trim(0)
 
 
-def peak_extra_bytes(fn, case, provider, z1, z2, target, device):
+def peak_extra_bytes(fn, case, provider, inputs, target, device):
     """Peak memory one call adds on top of its inputs, the returned gradients included. CPU: the
     resident set of this process (its peak is reset first), so run one case per process."""
-    a, b = fresh_inputs(case, provider, z1, z2)
+    fresh = fresh_inputs(case, provider, inputs)
     gc.collect()
     if device.type == "cuda":
         synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
-        out = call_once(fn, case, a, b, target)
+        out = call_once(fn, case, fresh, target)
         synchronize(device)
         peak = torch.cuda.max_memory_allocated(device) - base
     else:
@@ -109,24 +118,24 @@ def peak_extra_bytes(fn, case, provider, z1, z2, target, device):
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # resets the peak resident set size (VmHWM) to the current one
         base = _current_rss()
-        out = call_once(fn, case, a, b, target)
+        out = call_once(fn, case, fresh, target)
         peak = _peak_rss() - base
     del out
     return max(peak, 0)
 
 
-def time_calls(fn, case, provider, z1, z2, target, device, repeats, warmup=2):
+def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region."""
     samples = []
     for i in range(warmup + repeats):
-        a, b = fresh_inputs(case, provider, z1, z2)
+        fresh = fresh_inputs(case, provider, inputs)
         synchronize(device)
         start = time.perf_counter()
-        out = call_once(fn, case, a, b, target)
+        out = call_once(fn, case, fresh, target)
         synchronize(device)
         if i >= warmup:
             samples.append(time.perf_counter() - start)
-        del out, a, b
+        del out, fresh
     return samples
 
 
@@ -149,37 +158,39 @@ def quantiles(samples):
     return statistics.median(samples), q[1], q[7]  # median, 20%, 80%
 
 
-def check_against_eager(fn, case, z1, z2, target):
+def check_against_eager(fn, case, inputs, target):
     """The provider must compute the same loss as the reference before it is timed."""
     with torch.no_grad():
-        got = fn(z1.clone(), z2.clone(), target).float()
-        want = fastrdrop.reference.rdrop_loss(z1, z2, target).float()
+        got = fn(*(t.clone() for t in inputs), target).float()
+        logits = inputs if not case.hidden_size else [h @ inputs[2].t() for h in inputs[:2]]
+        want = fastrdrop.reference.rdrop_loss(*logits, target).float()
     if not torch.allclose(got, want, rtol=2e-3, atol=1e-3):
         raise AssertionError(f"{case.provider} loss {got.item()} != reference {want.item()}")
 
 
-def measure(case, device, repeats):
+def measure(case, device, repeats, warmup=2):
     """One row of results for ``case``: times, memory, bandwidth; or a status saying why not."""
     provider = PROVIDERS[case.provider]
     row = asdict(case)
     try:
         fn = provider.make()
-        z1, z2, target = make_inputs(case, device)
-        check_against_eager(fn, case, z1, z2, target)
-        samples = time_calls(fn, case, provider, z1, z2, target, device, repeats)
-        peak = peak_extra_bytes(fn, case, provider, z1, z2, target, device)  # after the timing
+        inputs, target = make_inputs(case, device)
+        check_against_eager(fn, case, inputs, target)
+        samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
+        peak = peak_extra_bytes(fn, case, provider, inputs, target, device)  # after the timing
     except torch.OutOfMemoryError:
         return dict(row, status="out of memory")
     median, q20, q80 = quantiles(samples)
     return dict(row, status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3,
                 peak_extra_mib=peak / 2**20, gbps=case.min_bytes() / median / 1e9,
-                input_mib=2 * z1.numel() * z1.element_size() / 2**20)
+                input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20)
 
 
-def measure_in_subprocess(cases, device, repeats):
+def measure_in_subprocess(cases, device, repeats, warmup=2):
     """measure() of each case in one fresh process, so that the peak resident memory of a case
     is its own and not that of another provider (the cases share a provider and sizes)."""
-    args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats))
+    args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats,
+                           warmup=warmup))
     done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args], check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -221,4 +232,5 @@ def _cpu_name():
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
     device = torch.device(request["device"])
-    print(json.dumps([measure(Case(**c), device, request["repeats"]) for c in request["cases"]]))
+    print(json.dumps([measure(Case(**c), device, request["repeats"], request["warmup"])
+                      for c in request["cases"]]))

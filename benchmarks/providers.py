@@ -1,5 +1,6 @@
-"""The implementations being compared, each a function (logits1, logits2, target) -> loss with the
-semantics of fastrdrop.rdrop_loss at alpha=ALPHA, mean over tokens."""
+"""The implementations being compared, each a function -> loss with the semantics of
+fastrdrop.rdrop_loss at alpha=ALPHA, mean over tokens: (logits1, logits2, target) for the loss
+providers, (hidden1, hidden2, weight, target) for the linear ones."""
 
 import functools
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ class Provider:
     name: str
     make: Callable[[], Callable]  # builds the loss function (compiles, imports) once
     inplace: bool = False  # overwrites the logits: the timer hands it fresh copies
+    linear: bool = False  # takes hidden states and the output embedding instead of logits
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
 
 
@@ -32,6 +34,17 @@ def _compiled():
 
 def _fastrdrop(inplace):
     return functools.partial(fastrdrop.rdrop_loss, alpha=ALPHA, inplace_backward=inplace)
+
+
+def _matmul_then(loss):
+    def fn(hidden1, hidden2, weight, target):
+        return loss(hidden1 @ weight.t(), hidden2 @ weight.t(), target)
+
+    return fn
+
+
+def _linear():
+    return functools.partial(fastrdrop.linear_rdrop_loss, alpha=ALPHA)
 
 
 def _liger():
@@ -78,5 +91,9 @@ PROVIDERS = {
                  unavailable=_fastrdrop_unavailable),
         Provider("fastrdrop-inplace", functools.partial(_fastrdrop, True), inplace=True,
                  unavailable=_fastrdrop_unavailable),
+        Provider("matmul+eager", lambda: _matmul_then(_eager()), linear=True),
+        Provider("matmul+fastrdrop", lambda: _matmul_then(_fastrdrop(False)), linear=True,
+                 unavailable=_fastrdrop_unavailable),
+        Provider("fastrdrop-linear", _linear, linear=True, unavailable=_fastrdrop_unavailable),
     ]
 }

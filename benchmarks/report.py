@@ -8,6 +8,9 @@ STYLES = {  # provider -> (color, marker, linestyle): distinct in color and in s
     "liger": ("#ff7f0e", "^", "-."),
     "fastrdrop": ("#2ca02c", "D", "-"),
     "fastrdrop-inplace": ("#d62728", "v", "-"),
+    "matmul+eager": ("#7f7f7f", "o", ":"),
+    "matmul+fastrdrop": ("#9467bd", "P", "-."),
+    "fastrdrop-linear": ("#17becf", "*", "-"),
 }
 
 
@@ -31,7 +34,8 @@ def progress(cases):
 def _label(group):
     case = group[0]
     modes = ", ".join(c.mode for c in group)
-    return f"N={case.n_tokens} V={case.vocab_size} {case.dtype} {case.provider} ({modes})"
+    hidden = f" H={case.hidden_size}" if case.hidden_size else ""
+    return f"N={case.n_tokens} V={case.vocab_size}{hidden} {case.dtype} {case.provider} ({modes})"
 
 
 def markdown(result):
@@ -43,14 +47,15 @@ def markdown(result):
         "memory above the inputs, gradients included; GB/s on the minimal bytes (read both "
         "logits, and write both gradients for fwd+bwd) and as a share of a device copy.",
         "",
-        "| N | V | dtype | mode | provider | median ms | 20-80% ms | vs eager | peak extra MiB "
-        "| GB/s | of copy |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| N | V | H | dtype | mode | provider | median ms | 20-80% ms | vs eager "
+        "| peak extra MiB | GB/s | of copy |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     eager = {_key(r): r["median_ms"] for r in result["rows"]
-             if r["provider"] == "eager" and r["status"] == "ok"}
+             if r["provider"] in ("eager", "matmul+eager") and r["status"] == "ok"}
     for r in result["rows"]:
-        cells = [r["n_tokens"], r["vocab_size"], r["dtype"], r["mode"], r["provider"]]
+        cells = [r["n_tokens"], r["vocab_size"], r.get("hidden_size") or "-", r["dtype"],
+                 r["mode"], r["provider"]]
         if r["status"] != "ok":
             cells += [r["status"], "", "", "", "", ""]
         else:
@@ -64,39 +69,60 @@ def markdown(result):
 
 
 def goals(result):
-    """The performance goals of DESIGN.md section 7 that these rows can judge, each with its
-    measured ratio: fwd+bwd of fastrdrop against the other providers, and its memory."""
+    """The performance goals (DESIGN.md section 7 and the fused linear variant's) that these rows
+    can judge, each with its measured ratio; fwd+bwd only."""
     rows = [r for r in result["rows"] if r["status"] == "ok" and r["mode"] == "fwd+bwd"]
-    by = {(r["n_tokens"], r["vocab_size"], r["dtype"], r["provider"]): r for r in rows}
+    by = {(r["n_tokens"], r["vocab_size"], r.get("hidden_size", 0), r["dtype"], r["provider"]): r
+          for r in rows}
     on_gpu = result["environment"]["device_type"] == "cuda"
-    lines = ["Goals (DESIGN.md section 7), fwd+bwd:", ""]
-    for (n, v, dtype, provider), r in sorted(by.items()):
-        if provider != "fastrdrop" or (on_gpu and (dtype != "bfloat16" or v < 128000)):
-            continue
-        checks = [("eager", 6 if on_gpu else 20), ("compile", 2 if on_gpu else 4)]
-        checks += [("liger", 2)] if on_gpu else []
-        for other, goal in checks:
-            if on_gpu or other == "eager" or dtype == "float32":
-                base = by.get((n, v, dtype, other))
-                if base:
-                    ratio = base["median_ms"] / r["median_ms"]
-                    lines.append(f"- N={n} V={v} {dtype}: {ratio:.1f}x faster than {other} "
-                                 f"(goal >= {goal}x): {'met' if ratio >= goal else 'NOT met'}")
-        if on_gpu:
-            share = r["fraction_of_copy"]  # = floor time / time
-            lines.append(f"- N={n} V={v} {dtype}: {100 * share:.0f}% of copy bandwidth, i.e. "
-                         f"{1 / share:.2f}x the floor (goal <= 1.3x): "
-                         f"{'met' if 1 / share <= 1.3 else 'NOT met'}")
-        else:
-            limit = r["input_mib"] * 1.05  # gradients (the size of the inputs) + 5% of inputs
-            lines.append(f"- N={n} V={v} {dtype}: peak extra memory {r['peak_extra_mib']:.0f} "
-                         f"MiB, goal <= gradients + 5% of inputs = {limit:.0f} MiB: "
-                         f"{'met' if r['peak_extra_mib'] <= limit else 'NOT met'}")
+    lines = ["Goals, fwd+bwd:", ""]
+
+    def check(label, text, value, goal, at_least):
+        met = value >= goal if at_least else value <= goal
+        sign = ">=" if at_least else "<="
+        lines.append(f"- {label}: {text} (goal {sign} {goal:g}): {'met' if met else 'NOT met'}")
+
+    for (n, v, h, dtype, provider), r in sorted(by.items()):
+        label = f"N={n} V={v}" + (f" H={h}" if h else "") + f" {dtype}"
+        other = {p: by.get((n, v, h, dtype, p)) for p in PROVIDER_NAMES}
+        if provider == "fastrdrop" and not (on_gpu and (dtype != "bfloat16" or v < 128000)):
+            speed = [("eager", 6 if on_gpu else 20), ("compile", 2 if on_gpu else 4)]
+            speed += [("liger", 2)] if on_gpu else []
+            for name, goal in speed:
+                if other[name] and (on_gpu or name == "eager" or dtype == "float32"):
+                    ratio = other[name]["median_ms"] / r["median_ms"]
+                    check(label, f"{ratio:.1f}x faster than {name}", round(ratio, 1), goal, True)
+            if on_gpu:
+                share = r["fraction_of_copy"]  # = floor time / time
+                check(label, f"{1 / share:.2f}x the bandwidth floor", round(1 / share, 2), 1.3,
+                      False)
+            else:
+                limit = r["input_mib"] * 1.05  # gradients (as large as the inputs) + 5% of inputs
+                check(label, f"peak extra memory {r['peak_extra_mib']:.0f} MiB, limit: gradients "
+                      "+ 5% of inputs, MiB", round(r["peak_extra_mib"]), round(limit), False)
+        if provider == "fastrdrop-linear":
+            eager, unfused = other["matmul+eager"], other["matmul+fastrdrop"]
+            if eager:
+                share = r["peak_extra_mib"] / eager["peak_extra_mib"]
+                check(label, f"peak memory {100 * share:.1f}% of matmul+eager", round(share, 3),
+                      0.125 if on_gpu else 0.15, False)
+            if unfused and not on_gpu:
+                share = r["peak_extra_mib"] / unfused["peak_extra_mib"]
+                check(label, f"peak memory {100 * share:.1f}% of matmul+fastrdrop",
+                      round(share, 3), 0.4, False)
+            if unfused:
+                ratio = r["median_ms"] / unfused["median_ms"]
+                check(label, f"time {ratio:.2f}x matmul+fastrdrop", round(ratio, 2),
+                      1.15 if on_gpu else 1.2, False)
     return "\n".join(lines) + "\n"
 
 
+PROVIDER_NAMES = ["eager", "compile", "liger", "fastrdrop", "fastrdrop-inplace", "matmul+eager",
+                  "matmul+fastrdrop", "fastrdrop-linear"]
+
+
 def _key(row):
-    return row["n_tokens"], row["vocab_size"], row["dtype"], row["mode"]
+    return row["n_tokens"], row["vocab_size"], row.get("hidden_size", 0), row["dtype"], row["mode"]
 
 
 def plots(result, out):

@@ -1,5 +1,6 @@
 """pytest-benchmark suite: ``pytest benchmarks --benchmark-only``. Each provider, forward and
-forward+backward, one size per device (the runner ``python -m benchmarks`` sweeps the grid)."""
+forward+backward, one size per device (the runner ``python -m benchmarks`` sweeps the grid);
+the linear providers take hidden states of size H and a [V, H] weight."""
 
 import pytest
 import torch
@@ -9,6 +10,7 @@ from benchmarks.providers import PROVIDERS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = [(8192, 128256, "bfloat16")] if DEVICE.type == "cuda" else [(128, 32000, "float32")]
+HIDDEN = 4096 if DEVICE.type == "cuda" else 256
 
 
 @pytest.mark.parametrize("size", SIZES, ids=lambda s: f"N{s[0]}-V{s[1]}-{s[2]}")
@@ -19,15 +21,15 @@ def test_rdrop(benchmark, name, mode, size):
     reason = provider.unavailable(DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    case = Case(*size, name, mode)
+    case = Case(*size, name, mode, HIDDEN if provider.linear else 0)
     fn = provider.make()
-    z1, z2, target = make_inputs(case, DEVICE)
+    inputs, target = make_inputs(case, DEVICE)
 
     def setup():  # outside the timed call: in-place providers get fresh copies of the logits
-        return (*fresh_inputs(case, provider, z1, z2), target), {}
+        return (fresh_inputs(case, provider, inputs),), {}
 
-    def timed(a, b, y):
-        out = call_once(fn, case, a, b, y)
+    def timed(fresh):
+        out = call_once(fn, case, fresh, target)
         synchronize(DEVICE)  # the GPU's work counts, not just its launch
         return out
 
