@@ -34,6 +34,7 @@ gpu-check:  ## install into the current Python, run the tests on CUDA, then the 
 	$(PYTHON) -m pip install --quiet --no-build-isolation --no-deps .
 	$(PYTHON) -m pytest -q -p no:cacheprovider
 	$(PYTHON) -m benchmarks --preset gpu-quick
+	$(PYTHON) -m benchmarks --preset gpu-linear
 	$(PYTHON) -m benchmarks
 
 clean:  ## remove the virtual environment and build outputs
