@@ -179,7 +179,7 @@ class LinearRDropFunction(torch.autograd.Function):
             _, grads = _chunks(hidden1, hidden2, weight, bias, target, grad_loss * row_weight,
                                ctx.options, ctx.needs_input_grad[:4])
         else:
-            grads = ctx.grads
+            grads = ops.take_gradients_once(ctx)
             if torch.compiler.is_compiling() or grad_loss.item() != 1.0:
                 grads = tuple(None if g is None else g.mul_(grad_loss) for g in grads)
         return (*grads, None, None, None, None)

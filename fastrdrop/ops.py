@@ -197,6 +197,18 @@ class RDropFunction(torch.autograd.Function):
         return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 5
 
 
+def take_gradients_once(ctx):
+    """The gradients computed in the forward pass, handed out (and scaled in place) once."""
+    grads = ctx.grads
+    if grads is None:
+        raise RuntimeError(
+            "fastrdrop: this loss computed its gradients during the forward pass and they were "
+            "already used; a second backward (retain_graph=True) needs inplace_backward=False "
+            "(or, for linear_rdrop_loss, reduction='none')")
+    ctx.grads = None
+    return grads
+
+
 class RDropInplaceFunction(torch.autograd.Function):
     """(z1, z2, target, row_weight [N], alpha, ...) -> (row_weight * (CE_1 + CE_2 + alpha symKL)
     [N], parts [3, N] without gradient). The gradients go into the storage of z1 and z2."""
@@ -218,7 +230,7 @@ class RDropInplaceFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        dz1, dz2 = ctx.grads
+        dz1, dz2 = take_gradients_once(ctx)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
         if torch.compiler.is_compiling() or grad_rows.numel() != 1 or grad_rows.item() != 1.0:

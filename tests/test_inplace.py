@@ -140,3 +140,14 @@ def test_inplace_rejects_what_it_cannot_write(backend):
     same = z1 * 1
     with pytest.raises(ValueError, match="logits2 must not be the same memory"):
         fastrdrop.rdrop_loss(same, same, target, backend=backend, inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_second_backward_is_refused(backend):
+    # The gradients were made in the forward pass and are scaled in place: they serve once.
+    z1, z2 = (z.requires_grad_() for z in logits_pair((3, 200), torch.float32))
+    loss = fastrdrop.rdrop_loss(z1 * 1, z2 * 1, labels((3,), 200), backend=backend,
+                                inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()

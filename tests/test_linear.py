@@ -160,3 +160,20 @@ def test_bad_input(change, error, words):
     change(args)
     with pytest.raises(error, match=words):
         fastrdrop.linear_rdrop_loss(**args)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_second_backward(backend):
+    # scalar reductions: gradients made in the forward serve once; "none" recomputes, so twice is
+    # fine and gives the same gradients
+    (h1, h2, w, _), _ = linear_inputs(torch.float32, False, False)
+    h1.requires_grad_()
+    target = labels((N,), V)
+    loss = fastrdrop.linear_rdrop_loss(h1, h2, w, target, backend=backend, chunk_size=16)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="already used"):
+        loss.backward()
+    rows = fastrdrop.linear_rdrop_loss(h1, h2, w, target, backend=backend, reduction="none")
+    first, = torch.autograd.grad(rows.sum(), h1, retain_graph=True)
+    second, = torch.autograd.grad(rows.sum(), h1)
+    torch.testing.assert_close(first, second)
