@@ -119,6 +119,7 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, dtype: to
     return max(1, min(rows, n_rows))
 
 
+@torch.compiler.assume_constant_result  # read once while tracing: the chunk size is static
 def _free_memory(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]

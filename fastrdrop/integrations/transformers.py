@@ -1,0 +1,131 @@
+"""R-Drop for Hugging Face Transformers causal LMs (and PEFT-wrapped ones), with the fused linear
+loss: the model body runs once on the duplicated batch [x; x], and the logits of neither pass
+are ever materialised whole.
+
+Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
+"""
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+from transformers import Trainer
+
+from .._common import RDropParts
+from ..linear import linear_rdrop_loss
+
+__all__ = ["RDropTrainer", "rdrop_causal_lm_loss"]
+
+
+def rdrop_causal_lm_loss(
+    model: nn.Module,
+    input_ids: Tensor,
+    attention_mask: Optional[Tensor] = None,
+    labels: Optional[Tensor] = None,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    num_items_in_batch: Optional[Tensor | int] = None,
+    chunk_size: Optional[int] = None,
+    **model_kwargs,
+) -> RDropParts:
+    """R-Drop loss of a causal LM on a batch, its two passes in one forward of the model body.
+
+    Call it with the model in training mode: dropout makes the two passes differ.
+
+    Args:
+        model: a ``*ForCausalLM`` model, or a PEFT model wrapping one (e.g. LoRA with a frozen
+            head). Its output embedding may be tied to the input one; the config's
+            ``final_logit_softcapping`` (Gemma 2) is applied when set.
+        input_ids: [B, T] token ids.
+        attention_mask: [B, T] or None.
+        labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
+            (padding, where ``attention_mask`` is 0, ignored). Shifted inside, as for causal LM.
+        num_items_in_batch: the number of label tokens over all gradient-accumulation
+            micro-batches (what ``transformers.Trainer`` passes): the sum is divided by it, so
+            that 4 micro-batches of 1 give the update of 1 batch of 4. None: mean over this
+            batch's label tokens.
+        alpha, ignore_index, label_smoothing, chunk_size: as in
+            :func:`fastrdrop.linear_rdrop_loss`.
+        model_kwargs: passed on to the model body.
+
+    Returns:
+        ``RDropParts(loss, ce1, ce2, kl)``; only ``loss`` carries gradient.
+    """
+    body, head, softcap = _causal_lm_parts(model)
+    if labels is None:
+        labels = input_ids if attention_mask is None else input_ids.masked_fill(
+            attention_mask == 0, ignore_index)
+    twice = torch.cat([input_ids, input_ids])
+    mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    hidden = body(input_ids=twice, attention_mask=mask, **model_kwargs).last_hidden_state
+    hidden1, hidden2 = hidden[: len(input_ids), :-1], hidden[len(input_ids):, :-1]
+    parts = linear_rdrop_loss(
+        hidden1, hidden2, head.weight, labels[:, 1:], head.bias, alpha=alpha,
+        ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
+        label_smoothing=label_smoothing, softcap=softcap, return_parts=True,
+        chunk_size=chunk_size)
+    if num_items_in_batch is None:
+        return parts
+    return RDropParts(*(part / num_items_in_batch for part in parts))
+
+
+def _causal_lm_parts(model: nn.Module):
+    """(decoder body, output embedding, final-logit softcap) of a causal LM, PEFT or not."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = base.get_decoder()
+    head = base.get_output_embeddings()
+    if type(head) is not nn.Linear:
+        raise ValueError(
+            f"model's output embedding must be a plain nn.Linear (got {type(head).__name__}); "
+            "an adapter on lm_head is not supported: merge it, or leave the head frozen")
+    return body, head, getattr(base.config, "final_logit_softcapping", None)
+
+
+class RDropTrainer(Trainer):
+    """``transformers.Trainer`` whose training loss is R-Drop on the duplicated batch.
+
+    It normalises by the number of label tokens across gradient-accumulation micro-batches
+    (``num_items_in_batch``), so 4 micro-batches of 1 equal 1 batch of 4, and logs ``ce`` (the
+    mean of the two passes' cross entropies) and ``kl`` next to the loss. Evaluation, with
+    dropout off, reports the model's ordinary loss.
+
+    Args:
+        rdrop_alpha: the weight of the symmetric KL term.
+        rdrop_kwargs: more keywords for :func:`rdrop_causal_lm_loss` (label_smoothing, ...).
+        All other arguments are ``transformers.Trainer``'s.
+    """
+
+    def __init__(self, *args, rdrop_alpha: float = 1.0, rdrop_kwargs: Optional[dict] = None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rdrop_alpha = rdrop_alpha
+        self.rdrop_kwargs = rdrop_kwargs or {}
+        self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch
+        self._rdrop_sums = {"ce": 0.0, "kl": 0.0}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        parts = rdrop_causal_lm_loss(
+            model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
+            alpha=self.rdrop_alpha, num_items_in_batch=num_items_in_batch, **self.rdrop_kwargs)
+        # With num_items_in_batch the micro-batch losses already sum to the step's mean.
+        self.loss_is_scaled_for_ga = num_items_in_batch is not None
+        scale = 1 if self.loss_is_scaled_for_ga else 1 / self.current_gradient_accumulation_steps
+        self._rdrop_sums["ce"] += float(parts.ce1 + parts.ce2) / 2 * scale
+        self._rdrop_sums["kl"] += float(parts.kl) * scale
+        loss = parts.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            loss = loss * self.accelerator.num_processes  # the token count is global
+        return (loss, {"ce": parts.ce1, "kl": parts.kl}) if return_outputs else loss
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs and self.model.training:
+            steps = max(self.state.global_step - getattr(self, "_rdrop_logged_step", 0), 1)
+            for name, total in self._rdrop_sums.items():
+                logs[name] = round(total / steps, 4)
+                self._rdrop_sums[name] = 0.0
+            self._rdrop_logged_step = self.state.global_step
+        super().log(logs, *args, **kwargs)

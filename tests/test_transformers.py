@@ -1,0 +1,136 @@
+"""fastrdrop.integrations.transformers on a tiny Llama built from a config (nothing downloaded):
+the loss and every parameter gradient against "model on [x; x] -> logits -> reference", with
+and without PEFT LoRA; RDropTrainer's gradient accumulation; torch.compile."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import fastrdrop  # noqa: E402
+from fastrdrop.integrations.transformers import RDropTrainer, rdrop_causal_lm_loss  # noqa: E402
+
+VOCAB = 101
+
+
+def tiny_llama(tied=False, dropout=0.2):
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        attention_dropout=dropout, tie_word_embeddings=tied)
+    return transformers.LlamaForCausalLM(config).train()
+
+
+def batch():
+    input_ids = torch.randint(0, VOCAB, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 8:] = 0  # a padded row
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[0, :4] = -100  # a prompt that carries no loss
+    return input_ids, attention_mask, labels
+
+
+def gradients(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def with_lora(model):
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                             lora_dropout=0.1)
+    return peft.get_peft_model(model, config)
+
+
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+def test_matches_logits_then_reference(variant):
+    model = tiny_llama(tied=variant == "tied")
+    if variant == "lora":
+        model = with_lora(model)
+    input_ids, attention_mask, labels = batch()
+
+    torch.manual_seed(1)  # the same dropout masks on both paths
+    parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, alpha=0.7,
+                                 chunk_size=8)
+    parts.loss.backward()
+    fused = gradients(model)
+    model.zero_grad()
+
+    torch.manual_seed(1)
+    logits = model(input_ids=torch.cat([input_ids, input_ids]),
+                   attention_mask=torch.cat([attention_mask, attention_mask])).logits
+    expected = fastrdrop.reference.rdrop_loss(logits[:3, :-1], logits[3:, :-1], labels[:, 1:],
+                                              alpha=0.7, return_parts=True)
+    expected.loss.backward()
+    reference = gradients(model)
+
+    assert expected.kl > 0  # dropout made the passes differ
+    for got, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+    assert fused.keys() == reference.keys() and fused
+    if variant == "lora":
+        assert not any("lm_head" in name for name in fused)  # the head stays frozen
+    for name in fused:
+        torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6,
+                                   msg=f"gradient of {name}")
+
+
+def test_trainer_gradient_accumulation(tmp_path):
+    # 4 micro-batches of 1 and 1 batch of 4 give the same update (rows hold different numbers
+    # of label tokens, so a mean of means would differ). Dropout off: both runs see one model.
+    input_ids = torch.randint(0, VOCAB, (4, 10))
+    attention_mask = torch.ones_like(input_ids)
+    for row, length in enumerate([10, 7, 4, 9]):
+        attention_mask[row, length:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    data = [dict(input_ids=i, attention_mask=m, labels=y)
+            for i, m, y in zip(input_ids, attention_mask, labels, strict=True)]
+
+    def one_step(batch_size, accumulation):
+        model = tiny_llama(dropout=0.0)
+        args = transformers.TrainingArguments(
+            output_dir=str(tmp_path / f"run{batch_size}"), per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation, max_steps=1, learning_rate=0.5,
+            optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
+            save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
+        trainer = RDropTrainer(model=model, args=args, train_dataset=data, rdrop_alpha=1.0)
+        trainer.train()
+        logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+        return dict(model.named_parameters()), logs[0]
+
+    params_4x1, log_4x1 = one_step(1, 4)
+    params_1x4, log_1x4 = one_step(4, 1)
+    for name, value in params_1x4.items():
+        torch.testing.assert_close(params_4x1[name], value, rtol=1e-5, atol=1e-6,
+                                   msg=f"parameter {name}")
+    assert {"ce", "kl"} <= log_4x1.keys()
+    assert log_4x1["ce"] == pytest.approx(log_1x4["ce"], rel=1e-4)
+
+
+def test_compile_has_no_graph_break_inside_fastrdrop():
+    model = tiny_llama(dropout=0.0)
+    input_ids, attention_mask, labels = batch()
+
+    def step(input_ids):
+        parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, chunk_size=8)
+        parts.loss.backward()
+        return parts.loss.detach()
+
+    explanation = torch._dynamo.explain(step)(input_ids)
+    inside = [reason.reason for reason in explanation.break_reasons
+              if any("fastrdrop" in frame.filename for frame in reason.user_stack)]
+    assert not inside, inside
+    model.zero_grad()
+
+    def loss(input_ids):  # the whole forward, loss included, as one graph
+        return rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, chunk_size=8).loss
+
+    results = []
+    for fn in (loss, torch.compile(loss, fullgraph=True)):
+        value = fn(input_ids)
+        value.backward()
+        results.append((value.detach(), gradients(model)))
+        model.zero_grad()
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
+    for name, grad in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
