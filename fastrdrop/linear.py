@@ -65,7 +65,7 @@ def linear_rdrop_loss(
     batch_shape = hidden1.shape[:-1]
     h1 = hidden1.reshape(-1, hidden1.shape[-1])
     h2 = hidden2.reshape(-1, hidden2.shape[-1])
-    labels = None if target is None else target.reshape(-1)
+    labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, hidden1.device)
     if chunk_size is None:
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
@@ -167,8 +167,9 @@ class LinearRDropFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden1, hidden2, weight, bias, target, row_weight)
             loss = row_weight * (parts[0] + parts[1] + alpha * parts[2])
         else:
-            parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target, row_weight,
-                                       options, ctx.needs_input_grad[:4])
+            needs = ctx.needs_input_grad[:4]
+            parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target,
+                                       row_weight if any(needs) else None, options, needs)
             loss = (row_weight * (parts[0] + parts[1] + alpha * parts[2])).sum()
         ctx.mark_non_differentiable(parts)
         return loss, parts

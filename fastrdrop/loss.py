@@ -43,7 +43,8 @@ def rdrop_loss(
         softcap: c > 0 applies ``c * tanh(z / c)`` to the logits first; None for none.
         inplace_backward: overwrite the logits' storage with their gradients during the forward
             pass, so that no [N, V] gradient buffer is allocated. The logits hold gradients
-            afterwards; only ``loss`` carries gradient (the parts are detached).
+            afterwards; only ``loss`` carries gradient (the parts are detached). Applies when
+            both logits require grad; otherwise the default mode runs and nothing is written.
         return_parts: return ``RDropParts(loss, ce1, ce2, kl)``, each reduced like the loss,
             ``kl`` not multiplied by ``alpha``.
         backend: "auto" (Triton on GPU tensors, the native kernel on CPU tensors when built, the
@@ -65,17 +66,20 @@ def rdrop_loss(
     batch_shape = logits1.shape[:-1]
     z1 = _rows(logits1, "logits1", inplace_backward)
     z2 = _rows(logits2, "logits2", inplace_backward)
-    if inplace_backward and (logits1 is logits2 or not torch.compiler.is_compiling()
-                             and z1.numel() > 0 and z1.data_ptr() == z2.data_ptr()):
+    if inplace_backward and (logits1 is logits2 or (not torch.compiler.is_compiling()
+                                                    and z1.numel() > 0
+                                                    and z1.data_ptr() == z2.data_ptr())):
         raise ValueError("logits2 must not be the same memory as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
-    labels = None if target is None else target.reshape(-1)
+    labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
     needs_grad = torch.is_grad_enabled() and (logits1.requires_grad or logits2.requires_grad)
+    # in place only when both logits take a gradient: a logits tensor without one is left alone
+    both_need_grad = needs_grad and logits1.requires_grad and logits2.requires_grad
 
-    if inplace_backward and needs_grad:
+    if inplace_backward and both_need_grad:
         weighted_rows, parts = ops.RDropInplaceFunction.apply(
             z1, z2, labels, weights, float(alpha), *kernel_args)
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()

@@ -200,6 +200,8 @@ class RDropFunction(torch.autograd.Function):
 def take_gradients_once(ctx):
     """The gradients computed in the forward pass, handed out (and scaled in place) once."""
     grads = ctx.grads
+    if torch.compiler.is_compiling():  # tracing may run a backward more than once
+        return grads
     if grads is None:
         raise RuntimeError(
             "fastrdrop: this loss computed its gradients during the forward pass and they were "

@@ -46,10 +46,12 @@ def rdrop_loss(
         z1 = (softcap * torch.tanh(z1 / softcap)).masked_fill(absent, float("-inf"))
         z2 = (softcap * torch.tanh(z2 / softcap)).masked_fill(absent, float("-inf"))
 
-    # log p at absent positions is set to 0 (any finite value would do): p = 0 there, so every term
-    # that holds it is multiplied by 0, and 0 * -inf would be NaN.
-    logp1 = F.log_softmax(z1, dim=-1).masked_fill(absent, 0.0)
-    logp2 = F.log_softmax(z2, dim=-1).masked_fill(absent, 0.0)
+    # In the sums, log p at absent positions is set to 0 (any finite value would do): p = 0
+    # there, so every term that holds it is multiplied by 0, and 0 * -inf would be NaN. The label's
+    # own log p keeps its -inf: a label on an absent entry has an infinite cross entropy.
+    logp1_full, logp2_full = F.log_softmax(z1, dim=-1), F.log_softmax(z2, dim=-1)
+    logp1 = logp1_full.masked_fill(absent, 0.0)
+    logp2 = logp2_full.masked_fill(absent, 0.0)
 
     # symKL = 1/2 (KL(p1 || p2) + KL(p2 || p1)); kl_div(input=log q, target=log p) is sum p log(p/q)
     kl_12 = F.kl_div(logp2, logp1, reduction="none", log_target=True).sum(-1)
@@ -62,8 +64,10 @@ def rdrop_loss(
         labels = target.reshape(-1)
         counted = labels != ignore_index
         n_present = (~absent).sum(-1)
-        ce1 = _cross_entropy(logp1, labels, counted, n_present, ignore_index, label_smoothing)
-        ce2 = _cross_entropy(logp2, labels, counted, n_present, ignore_index, label_smoothing)
+        ce1 = _cross_entropy(logp1_full, logp1, labels, counted, n_present, ignore_index,
+                             label_smoothing)
+        ce2 = _cross_entropy(logp2_full, logp2, labels, counted, n_present, ignore_index,
+                             label_smoothing)
         kl = torch.where(counted, kl, 0.0)  # an ignored token contributes to neither term
 
     batch_shape = logits1.shape[:-1]
@@ -79,12 +83,13 @@ def rdrop_loss(
 
 
 def _cross_entropy(
-    logp: Tensor, labels: Tensor, counted: Tensor, n_present: Tensor, ignore_index: int,
-    label_smoothing: float,
+    logp_full: Tensor, logp: Tensor, labels: Tensor, counted: Tensor, n_present: Tensor,
+    ignore_index: int, label_smoothing: float,
 ) -> Tensor:
     """Per-token cross entropy against (1 - eps) one_hot(y) + eps * uniform over the present
-    entries of the row; 0 where ignored. Without masked entries this is F.cross_entropy's."""
-    nll = F.nll_loss(logp, labels, ignore_index=ignore_index, reduction="none")
+    entries of the row (logp: 0 where absent); 0 where ignored. Without masked entries this is
+    F.cross_entropy's."""
+    nll = F.nll_loss(logp_full, labels, ignore_index=ignore_index, reduction="none")
     if label_smoothing == 0.0:
         return nll
     smooth = -logp.sum(-1) / n_present

@@ -121,9 +121,10 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, V, eps, softcap,
     if HAS_TARGET:
         zy1 = tl.load(z1_row_ptr + y).to(tl.float32)
         zy2 = tl.load(z2_row_ptr + y).to(tl.float32)
-        if SOFTCAP:
-            zy1 = _softcap(zy1, softcap)
-            zy2 = _softcap(zy2, softcap)
+        if SOFTCAP:  # a label on an absent entry stays -inf: its cross entropy is inf
+            label_absent = (zy1 == NEG_INF) & (zy2 == NEG_INF)
+            zy1 = tl.where(label_absent, NEG_INF, _softcap(zy1, softcap))
+            zy2 = tl.where(label_absent, NEG_INF, _softcap(zy2, softcap))
         ce1 = lse1 - (1.0 - eps) * zy1
         ce2 = lse2 - (1.0 - eps) * zy2
         if SMOOTHING:
