@@ -76,8 +76,11 @@ def case_groups(args, device):
     for grid in grids:
         for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
             for provider in args.providers:
+                # without grad the in-place provider is the plain one: fwd+bwd only
+                modes = [m for m in args.modes if m != "fwd" or not PROVIDERS[provider].inplace]
                 for h in args.hidden if PROVIDERS[provider].linear else [0]:
-                    yield [Case(n, v, dtype, provider, mode, h) for mode in args.modes]
+                    if modes:
+                        yield [Case(n, v, dtype, provider, mode, h) for mode in modes]
 
 
 def main():

@@ -158,14 +158,30 @@ def quantiles(samples):
     return statistics.median(samples), q[1], q[7]  # median, 20%, 80%
 
 
-def check_against_eager(fn, case, inputs, target):
-    """The provider must compute the same loss as the reference before it is timed."""
+def _reference(case):
+    """The eager reference for the case's inputs: (logits1, logits2) or (hidden1, hidden2, W)."""
+    if not case.hidden_size:
+        return fastrdrop.reference.rdrop_loss
+    return lambda h1, h2, weight, target: fastrdrop.reference.rdrop_loss(
+        h1 @ weight.t(), h2 @ weight.t(), target)
+
+
+def check_against_eager(fn, case, provider, inputs, target):
+    """Before it is timed, the provider must give the reference's loss and, for fwd+bwd, its
+    gradients (except a provider known to drop part of the gradient, which says so)."""
     with torch.no_grad():
         got = fn(*(t.clone() for t in inputs), target).float()
-        logits = inputs if not case.hidden_size else [h @ inputs[2].t() for h in inputs[:2]]
-        want = fastrdrop.reference.rdrop_loss(*logits, target).float()
+        want = _reference(case)(*inputs, target).float()
     if not torch.allclose(got, want, rtol=2e-3, atol=1e-3):
         raise AssertionError(f"{case.provider} loss {got.item()} != reference {want.item()}")
+    if case.mode == "fwd+bwd" and provider.full_gradient:
+        got = call_once(fn, case, fresh_inputs(case, provider, inputs), target)
+        want = call_once(_reference(case), case, tuple(t.detach().clone() for t in inputs),
+                         target)
+        for g, w in zip(got, want, strict=True):
+            scale = w.abs().max().item()
+            if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-2 * scale):
+                raise AssertionError(f"{case.provider}: gradients differ from the reference")
 
 
 def measure(case, device, repeats, warmup=2):
@@ -175,7 +191,7 @@ def measure(case, device, repeats, warmup=2):
     try:
         fn = provider.make()
         inputs, target = make_inputs(case, device)
-        check_against_eager(fn, case, inputs, target)
+        check_against_eager(fn, case, provider, inputs, target)
         samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
         peak = peak_extra_bytes(fn, case, provider, inputs, target, device)  # after the timing
     except torch.OutOfMemoryError:
