@@ -55,6 +55,7 @@ def _worker(rank, port, kind, out):
         ddp(*(t[rows] for t in make_batch())).backward()  # DDP averages the gradients
         if rank == 0:
             torch.save(gradients(model), out)
+        dist.barrier()  # rank 0 hosts the store: it must not leave while the other still talks
     finally:
         dist.destroy_process_group()
 
