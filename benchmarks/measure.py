@@ -175,9 +175,13 @@ def check_against_eager(fn, case, provider, inputs, target):
     if not torch.allclose(got, want, rtol=2e-3, atol=1e-3):
         raise AssertionError(f"{case.provider} loss {got.item()} != reference {want.item()}")
     if case.mode == "fwd+bwd" and provider.full_gradient:
-        got = call_once(fn, case, fresh_inputs(case, provider, inputs), target)
-        want = call_once(_reference(case), case, tuple(t.detach().clone() for t in inputs),
-                         target)
+        # on the first rows only (the weight of the linear providers whole): rows are
+        # independent, and the check stays cheap next to the timing
+        rows = slice(0, 16)
+        few = tuple(t[rows] if i < 2 else t for i, t in enumerate(inputs))
+        got = call_once(fn, case, fresh_inputs(case, provider, few), target[rows])
+        want = call_once(_reference(case), case, tuple(t.detach().clone() for t in few),
+                         target[rows])
         for g, w in zip(got, want, strict=True):
             scale = w.abs().max().item()
             if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-2 * scale):

@@ -75,11 +75,11 @@ def rdrop_loss(
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
-    needs_grad = torch.is_grad_enabled() and (logits1.requires_grad or logits2.requires_grad)
     # in place only when both logits take a gradient: a logits tensor without one is left alone
-    both_need_grad = needs_grad and logits1.requires_grad and logits2.requires_grad
+    in_place = (inplace_backward and torch.is_grad_enabled() and logits1.requires_grad
+                and logits2.requires_grad)
 
-    if inplace_backward and both_need_grad:
+    if in_place:
         weighted_rows, parts = ops.RDropInplaceFunction.apply(
             z1, z2, labels, weights, float(alpha), *kernel_args)
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()

@@ -220,6 +220,17 @@ def test_no_grad_runs_forward_only(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_logits_rising_far_along_the_row(backend, dtype):
+    # Blocks late in the row far above the first ones (by 150, past exp's range in fp32): the
+    # online softmax must move its shift, not overflow.
+    z1, z2 = logits_pair((3, 7000), torch.float64)
+    z1[:, 4500:] += 150.0
+    z2[:, 5000:] += 150.0
+    check_case(backend, None, dtype, logits=(z1.to(dtype), z2.to(dtype)), label_smoothing=0.1)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_strided_target(backend):
     # labels taken from a larger tensor with a stride, as for interleaved rows
     z1, z2 = logits_pair((4, 300), torch.float32)

@@ -109,9 +109,10 @@ struct F16 {  // IEEE half, converted on the bits so that the loops vectorise wi
 
 // ---- vectorisable elementary functions ---------------------------------------------------------
 
-// exp(x) for x <= 0, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
+// exp(x) for x <= 88, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
 // exp(r) by the Cephes expf polynomial, 2^n put into the exponent bits. About 1 ulp; exactly 0
-// below -87.3 (so exp(-inf) = 0). Every caller has x <= 0 (logits minus their max or their lse).
+// below -87.3 (so exp(-inf) = 0). Callers pass logits minus a shift at most kHeadroom below
+// them, or minus their lse.
 inline float vexp(float x) {
   const float xc = std::max(x, -87.3f);
   // t = x log2(e) + 1.5 * 2^23 rounds to an integer n that sits in t's low mantissa bits
@@ -193,48 +194,86 @@ inline double rescale(float m_old, float shift) {
   return m_old == kNegInf ? 0.0 : std::exp(static_cast<double>(m_old) - shift);
 }
 
-// 1. online max m_k, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D over vocabulary blocks;
+// The sums of one block for fixed shifts: s_k = sum exp(z_k - shift_k), t_k = sum exp(z_k -
+// shift_k) D, sum z_k and the count of present entries (smoothing only), and the block's maxima.
+struct BlockSums {
+  float s1, s2, t1, t2, z1, z2, n, max1, max2;
+};
+
+template <typename Fmt, bool kSoftcap, bool kSmoothing>
+inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float cap,
+                            float shift1, float shift2) {
+  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0;
+  float max1 = kNegInf, max2 = kNegInf;
+#pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n) reduction(max : max1, max2)
+  for (int64_t j = 0; j < len; ++j) {
+    float a, b;
+    const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
+    const float d = here ? a - b : 0.0f;
+    const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
+    s1 += e1;
+    s2 += e2;
+    t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
+    t2 += e2 > 0.0f ? e2 * d : 0.0f;
+    if constexpr (kSmoothing) {
+      sz1 += here ? a : 0.0f;
+      sz2 += here ? b : 0.0f;
+      n += here ? 1.0f : 0.0f;
+    }
+    max1 = std::max(max1, a);
+    max2 = std::max(max2, b);
+  }
+  return {s1, s2, t1, t2, sz1, sz2, n, max1, max2};
+}
+
+// 1. online softmax over vocabulary blocks: each block is summed with the running maximum of
+//    the blocks before it as its shift (the first block finds its own maximum first), in one
+//    pass that also finds the block's maxima; a block that rises more than kHeadroom above its
+//    shift, where exp would come near overflow, is summed again with its own maxima;
 // 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2;
 // 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' sum z_k.
 template <typename Fmt, bool kSoftcap, bool kSmoothing>
 RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o) {
+  constexpr float kHeadroom = 64.0f;  // 2048 * exp(64) stays far below FLT_MAX
   const float cap = o.softcap;
-  float m1 = kNegInf, m2 = kNegInf;
-  double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = 0;
+  float m1 = kNegInf, m2 = kNegInf;  // running maxima
+  double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = o.vocab;
+  if constexpr (kSmoothing) n_present = 0;
   for (int64_t start = 0; start < o.vocab; start += kBlock) {
     const int64_t len = std::min(kBlock, o.vocab - start);
     const Elem<Fmt>* b1 = z1 + start;
     const Elem<Fmt>* b2 = z2 + start;
-    float block_max1, block_max2;
-    block_max<Fmt, kSoftcap>(b1, b2, len, cap, block_max1, block_max2);
-    const float new_m1 = std::max(m1, block_max1), new_m2 = std::max(m2, block_max2);
-    const float shift1 = new_m1 == kNegInf ? 0.0f : new_m1;
-    const float shift2 = new_m2 == kNegInf ? 0.0f : new_m2;
-    const double r1 = rescale(m1, shift1), r2 = rescale(m2, shift2);
-    float bs1 = 0, bs2 = 0, bt1 = 0, bt2 = 0, bz1 = 0, bz2 = 0, bn = 0;
-#pragma omp simd reduction(+ : bs1, bs2, bt1, bt2, bz1, bz2, bn)
-    for (int64_t j = 0; j < len; ++j) {
-      float a, b;
-      const bool here = load_pair<Fmt, kSoftcap>(b1, b2, j, cap, a, b);
-      const float d = here ? a - b : 0.0f;
-      const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
-      bs1 += e1;
-      bs2 += e2;
-      bt1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
-      bt2 += e2 > 0.0f ? e2 * d : 0.0f;
-      if constexpr (kSmoothing) {
-        bz1 += here ? a : 0.0f;
-        bz2 += here ? b : 0.0f;
-      }
-      bn += here ? 1.0f : 0.0f;
+    float shift1 = m1, shift2 = m2;
+    if (m1 == kNegInf || m2 == kNegInf) {  // nothing seen yet: this block's own maxima
+      float max1, max2;
+      block_max<Fmt, kSoftcap>(b1, b2, len, cap, max1, max2);
+      shift1 = std::max(m1, max1);
+      shift2 = std::max(m2, max2);
     }
-    s1 = s1 * r1 + bs1;
-    s2 = s2 * r2 + bs2;
-    t1 = t1 * r1 + bt1;
-    t2 = t2 * r2 + bt2;
-    sum_z1 += bz1;
-    sum_z2 += bz2;
-    n_present += bn;
+    shift1 = shift1 == kNegInf ? 0.0f : shift1;  // never -inf - -inf
+    shift2 = shift2 == kNegInf ? 0.0f : shift2;
+    BlockSums b = block_sums<Fmt, kSoftcap, kSmoothing>(b1, b2, len, cap, shift1, shift2);
+    if (b.max1 - shift1 > kHeadroom || b.max2 - shift2 > kHeadroom) {
+      shift1 = std::max(shift1, b.max1);
+      shift2 = std::max(shift2, b.max2);
+      b = block_sums<Fmt, kSoftcap, kSmoothing>(b1, b2, len, cap, shift1, shift2);
+    }
+    // bring the running sums and the block's to the new running maxima
+    const float new_m1 = std::max(m1, b.max1), new_m2 = std::max(m2, b.max2);
+    const float ref1 = new_m1 == kNegInf ? 0.0f : new_m1;
+    const float ref2 = new_m2 == kNegInf ? 0.0f : new_m2;
+    const double r1 = rescale(m1, ref1), r2 = rescale(m2, ref2);
+    const double q1 = std::exp(static_cast<double>(shift1) - ref1);
+    const double q2 = std::exp(static_cast<double>(shift2) - ref2);
+    s1 = s1 * r1 + b.s1 * q1;
+    s2 = s2 * r2 + b.s2 * q2;
+    t1 = t1 * r1 + b.t1 * q1;
+    t2 = t2 * r2 + b.t2 * q2;
+    if constexpr (kSmoothing) {
+      sum_z1 += b.z1;
+      sum_z2 += b.z2;
+      n_present += b.n;
+    }
     m1 = new_m1;
     m2 = new_m2;
   }
@@ -245,7 +284,7 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   r.ep = static_cast<float>(t1 / s1);
   r.eq = static_cast<float>(t2 / s2);
   r.kl = static_cast<float>(0.5 * (t1 / s1 - t2 / s2));
-  r.n_present = static_cast<float>(n_present);
+  r.n_present = static_cast<float>(n_present);  // V' with smoothing, where it is used; else V
   if (o.has_target) {
     float zy1, zy2;
     load_pair<Fmt, kSoftcap>(z1, z2, y, cap, zy1, zy2);
@@ -261,18 +300,26 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   return r;
 }
 
-// dz1, dz2 at one position, with `on_label` = (1 - eps) [j == y] + eps / V' (0 without target)
+// A row's gradient is a linear form in p, q, p_d = p (D - E_p[D]) and q_d = q (D - E_q[D]), with
+// h = c_kl / 2 and u = (1 - eps) [j == y] + eps / V' the label term (0 without target):
+//   dz1 =  h p_d + (c_ce1 + h) p - h q - c_ce1 u
+//   dz2 = -h q_d + (c_ce2 + h) q - h p - c_ce2 u
+// Its coefficients are computed once per row.
+struct GradForm {
+  float lse1, lse2, ep, eq;  // the row's stats
+  float h, c1, c2;           // c_kl / 2, c_ce1, c_ce2
+  float smooth;              // eps / V': u away from the label
+};
+
 template <bool kSoftcap>
-inline void grads_at(float x1, float x2, bool present, float on_label, RowStats st, float c1,
-                     float c2, float half_kl, float softcap, float& g1, float& g2) {
-  const float p = vexp(x1 - st.lse1), q = vexp(x2 - st.lse2);
+inline void grads_at(float x1, float x2, bool present, float u, const GradForm& f, float softcap,
+                     float& g1, float& g2) {
+  const float p = vexp(x1 - f.lse1), q = vexp(x2 - f.lse2);
   const float d = x1 - x2;
-  // KL part: dz1 = c_kl/2 (p (D - E_p[D]) + p - q), dz2 = -c_kl/2 (q (D - E_q[D]) + p - q)
-  const float p_d = p > 0.0f ? p * (d - st.ep) : 0.0f;
-  const float q_d = q > 0.0f ? q * (d - st.eq) : 0.0f;
-  // CE part: c_ce (p - (1 - eps) e_y - eps / V')
-  float a = half_kl * (p_d + p - q) + c1 * (p - on_label);
-  float b = -half_kl * (q_d + p - q) + c2 * (q - on_label);
+  const float p_d = p > 0.0f ? p * (d - f.ep) : 0.0f;  // 0 * inf := 0
+  const float q_d = q > 0.0f ? q * (d - f.eq) : 0.0f;
+  float a = f.h * p_d + (f.c1 + f.h) * p - (f.h * q + f.c1 * u);
+  float b = (f.c2 + f.h) * q - f.h * q_d - (f.h * p + f.c2 * u);
   if constexpr (kSoftcap) {  // d/dx c tanh(x / c) = 1 - (z / c)^2
     a *= 1.0f - (x1 / softcap) * (x1 / softcap);
     b *= 1.0f - (x2 / softcap) * (x2 / softcap);
@@ -286,24 +333,25 @@ inline void grads_at(float x1, float x2, bool present, float on_label, RowStats 
 // never as a read-modify-write of a stored bf16 value.
 template <typename Fmt, bool kSoftcap>
 void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
-               int64_t y, RowStats st, float c_ce1, float c_ce2, float c_kl, const Options& o) {
-  const float smooth = o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f;
-  const float c1 = o.has_target ? c_ce1 : 0.0f, c2 = o.has_target ? c_ce2 : 0.0f;
-  const float half_kl = 0.5f * c_kl, cap = o.softcap;
+               int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
+               const Options& o) {
+  const GradForm f{st.lse1, st.lse2, st.ep, st.eq, 0.5f * c_kl,
+                   o.has_target ? c_ce1 : 0.0f, o.has_target ? c_ce2 : 0.0f,
+                   o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f};
+  const float cap = o.softcap;
   float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
   const bool label_here = o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, cap, label1, label2);
 #pragma omp simd
   for (int64_t j = 0; j < o.vocab; ++j) {
     float a, b, g1, g2;
     const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
-    grads_at<kSoftcap>(a, b, here, smooth, st, c1, c2, half_kl, cap, g1, g2);
+    grads_at<kSoftcap>(a, b, here, f.smooth, f, cap, g1, g2);
     dz1[j] = Fmt::store(g1);
     dz2[j] = Fmt::store(g2);
   }
   if (o.has_target) {
     float g1, g2;
-    grads_at<kSoftcap>(label1, label2, label_here, 1.0f - o.eps + smooth, st, c1, c2, half_kl,
-                       cap, g1, g2);
+    grads_at<kSoftcap>(label1, label2, label_here, 1.0f - o.eps + f.smooth, f, cap, g1, g2);
     dz1[y] = Fmt::store(g1);
     dz2[y] = Fmt::store(g2);
   }
