@@ -75,6 +75,23 @@ def test_matches_logits_then_reference(variant):
                                    msg=f"gradient of {name}")
 
 
+def test_final_logit_softcap_of_the_config():
+    # Gemma 2 caps its logits (final_logit_softcapping): the fused path applies the same cap.
+    torch.manual_seed(0)
+    config = transformers.Gemma2Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        final_logit_softcapping=2.0, attention_dropout=0.0)
+    model = transformers.Gemma2ForCausalLM(config).train()
+    input_ids, attention_mask, labels = batch()
+    parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+    logits = model(input_ids=torch.cat([input_ids, input_ids]),
+                   attention_mask=torch.cat([attention_mask, attention_mask])).logits
+    assert logits.abs().max() <= 2.0  # the model's own logits are capped
+    expected = fastrdrop.reference.rdrop_loss(logits[:3, :-1], logits[3:, :-1], labels[:, 1:])
+    torch.testing.assert_close(parts.loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_trainer_gradient_accumulation(tmp_path):
     # 4 micro-batches of 1 and 1 batch of 4 give the same update (rows hold different numbers
     # of label tokens, so a mean of means would differ). Dropout off: both runs see one model.
