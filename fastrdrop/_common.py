@@ -138,6 +138,11 @@ def row_weights(
     return counted
 
 
+def token_loss(parts: Tensor, alpha: float) -> Tensor:
+    """Per-token loss CE_1 + CE_2 + alpha * symKL from the per-row parts [3, N]."""
+    return parts[0] + parts[1] + alpha * parts[2]
+
+
 def reduce_rows(rows: Tensor, weights: Tensor, reduction: str, batch_shape: torch.Size) -> Tensor:
     """Reduce per-token values ``rows [n_rows]`` with ``weights`` from row_weights."""
     if reduction == "none":

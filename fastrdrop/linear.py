@@ -15,7 +15,15 @@ import torch
 from torch import Tensor, nn
 
 from . import ops, reference
-from ._common import RDropParts, check_options, check_pair, check_target, reduce_rows, row_weights
+from ._common import (
+    RDropParts,
+    check_options,
+    check_pair,
+    check_target,
+    reduce_rows,
+    row_weights,
+    token_loss,
+)
 from .loss import resolve_backend
 
 
@@ -165,12 +173,12 @@ class LinearRDropFunction(torch.autograd.Function):
         if per_token:  # the gradients wait for the per-token upstream gradient
             parts, _ = _chunks(hidden1, hidden2, weight, bias, target, None, options, (False,) * 4)
             ctx.save_for_backward(hidden1, hidden2, weight, bias, target, row_weight)
-            loss = row_weight * (parts[0] + parts[1] + alpha * parts[2])
+            loss = row_weight * token_loss(parts, alpha)
         else:
             needs = ctx.needs_input_grad[:4]
             parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target,
                                        row_weight if any(needs) else None, options, needs)
-            loss = (row_weight * (parts[0] + parts[1] + alpha * parts[2])).sum()
+            loss = (row_weight * token_loss(parts, alpha)).sum()
         ctx.mark_non_differentiable(parts)
         return loss, parts
 

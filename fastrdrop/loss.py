@@ -8,7 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from . import _native, ops, reference
-from ._common import BACKENDS, KERNEL_DTYPES, RDropParts, check_args, reduce_rows, row_weights
+from ._common import (
+    BACKENDS,
+    KERNEL_DTYPES,
+    RDropParts,
+    check_args,
+    reduce_rows,
+    row_weights,
+    token_loss,
+)
 
 
 def rdrop_loss(
@@ -85,7 +93,7 @@ def rdrop_loss(
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()
     else:
         parts = ops.RDropFunction.apply(z1, z2, labels, *kernel_args)
-        loss = reduce_rows(parts[0] + parts[1] + alpha * parts[2], weights, reduction,
+        loss = reduce_rows(token_loss(parts, alpha), weights, reduction,
                            batch_shape)
     if return_parts:
         ce1, ce2, kl = (reduce_rows(p, weights, reduction, batch_shape) for p in parts)

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from . import _native
-from ._common import check_target_values
+from ._common import check_target_values, token_loss
 
 try:
     import triton
@@ -228,7 +228,7 @@ class RDropInplaceFunction(torch.autograd.Function):
         # unpacking a saved view whose storage changed would fail for views made by chunk/split.
         ctx.grads = (logits1.detach(), logits2.detach())
         ctx.mark_non_differentiable(parts)
-        return row_weight * (parts[0] + parts[1] + alpha * parts[2]), parts
+        return row_weight * token_loss(parts, alpha), parts
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
