@@ -47,8 +47,8 @@ def check_linear(backend, dtype, *, reduction="mean", has_target=True, label_smo
         return fastrdrop.linear_rdrop_loss(h1, h2, w, target, b, chunk_size=chunk_size,
                                            backend=backend, **kwargs)
 
-    def eager(h1, h2, w, b, loss=reference.rdrop_loss):  # matmul, then the loss
-        z1, z2 = (h @ w.t() + (0 if b is None else b) for h in (h1, h2))
+    def eager(h1, h2, w, b, loss=reference.rdrop_loss):  # matmul (bias inside), then the loss
+        z1, z2 = (h @ w.t() if b is None else torch.addmm(b, h, w.t()) for h in (h1, h2))
         return loss(z1, z2, target, **kwargs)
 
     def truth(h1, h2, w, b):
