@@ -2,6 +2,7 @@
 and stopped by the test) give the gradients of one process over the whole batch."""
 
 import datetime
+import faulthandler
 import os
 
 import pytest
@@ -46,8 +47,11 @@ def gradients(model):
 
 
 def _worker(rank, store, kind, out):
+    # A worker still running after 100 s prints every thread's stack and exits, within the
+    # parent's 2-minute wait, so a hang shows where it is.
+    faulthandler.dump_traceback_later(100, exit=True)
     # Loopback only: gloo would otherwise look its address up from the hostname, which can stall
-    # on machines without DNS. A hang raises here, within the parent's wait, with a traceback.
+    # on machines without DNS.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
