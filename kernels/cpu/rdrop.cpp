@@ -111,10 +111,11 @@ struct F16 {  // IEEE half, converted on the bits so that the loops vectorise wi
 
 // exp(x) for x <= 88, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
 // exp(r) by a degree-5 polynomial, 2^n put into the exponent bits. Relative error below 2e-7
-// (1.5 ulp); exactly 0 below -87.3 (so exp(-inf) = 0). Callers pass logits minus a shift at
-// most kHeadroom below them, or minus their lse.
+// (1.5 ulp) down to the smallest normal float. x is clamped at -88, where n = -127 makes the
+// exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no test. Callers pass logits
+// minus a shift at most kHeadroom below them, or minus their lse.
 inline float vexp(float x) {
-  const float xc = std::max(x, -87.3f);
+  const float xc = std::max(x, -88.0f);
   // t = x log2(e) + 1.5 * 2^23 rounds to an integer n that sits in t's low mantissa bits
   const float magic = 12582912.0f;
   const float t = xc * 1.44269504088896341f + magic;
@@ -131,7 +132,7 @@ inline float vexp(float x) {
   const int32_t scale_bits = (t_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of magic
   float scale;
   std::memcpy(&scale, &scale_bits, sizeof scale);
-  return x < -87.3f ? 0.0f : p * scale;
+  return p * scale;
 }
 
 // c * tanh(x / c), through exp(-2 |x / c|): the same formula as the Triton kernels
@@ -208,7 +209,7 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
   for (int64_t j = 0; j < len; ++j) {
     float a, b;
     const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
-    const float d = here ? a - b : 0.0f;
+    const float d = a - b;  // inf or NaN only where e1 or e2 is 0
     const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
     s1 += e1;
     s2 += e2;
