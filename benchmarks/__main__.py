@@ -103,7 +103,7 @@ def main():
         elif device.type == "cpu":
             group_rows = measure_in_subprocess(group, device, repeats, args.warmup)
         else:
-            group_rows = [measure(case, device, repeats, args.warmup) for case in group]
+            group_rows = measure(group, device, repeats, args.warmup)
             torch.cuda.empty_cache()
         for row in group_rows:
             if row["status"] == "ok":

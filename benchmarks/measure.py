@@ -188,26 +188,40 @@ def check_against_eager(fn, case, provider, inputs, target):
                 raise AssertionError(f"{case.provider}: gradients differ from the reference")
 
 
-def measure(case, device, repeats, warmup=2):
-    """One row of results for ``case``: times, memory, bandwidth; or a status saying why not."""
-    provider = PROVIDERS[case.provider]
-    row = asdict(case)
-    try:
-        fn = provider.make()
+def measure(cases, device, repeats, warmup=2):
+    """One row of results per case: times, memory, bandwidth; or a status saying why not. Every
+    case is timed before any memory is measured: on CPU the memory measurement changes how glibc
+    serves later allocations (_release_freed_memory), which would slow the timing of later cases."""
+    rows, timed = [], []
+    for case in cases:
+        provider = PROVIDERS[case.provider]
+        try:
+            fn = provider.make()
+            inputs, target = make_inputs(case, device)
+            check_against_eager(fn, case, provider, inputs, target)
+            samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
+        except torch.OutOfMemoryError:
+            rows.append(dict(asdict(case), status="out of memory"))
+            continue
+        median, q20, q80 = quantiles(samples)
+        rows.append(dict(asdict(case), status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3,
+                         q80_ms=q80 * 1e3, gbps=case.min_bytes() / median / 1e9,
+                         input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20))
+        timed.append((rows[-1], fn, case, provider))
+        del inputs, target
+    for row, fn, case, provider in timed:
         inputs, target = make_inputs(case, device)
-        check_against_eager(fn, case, provider, inputs, target)
-        samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
-        peak = peak_extra_bytes(fn, case, provider, inputs, target, device)  # after the timing
-    except torch.OutOfMemoryError:
-        return dict(row, status="out of memory")
-    median, q20, q80 = quantiles(samples)
-    return dict(row, status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3, q80_ms=q80 * 1e3,
-                peak_extra_mib=peak / 2**20, gbps=case.min_bytes() / median / 1e9,
-                input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20)
+        try:
+            row["peak_extra_mib"] = peak_extra_bytes(fn, case, provider, inputs, target,
+                                                     device) / 2**20
+        except torch.OutOfMemoryError:
+            row.update(status="out of memory")
+        del inputs, target
+    return rows
 
 
 def measure_in_subprocess(cases, device, repeats, warmup=2):
-    """measure() of each case in one fresh process, so that the peak resident memory of a case
+    """measure() of the cases in one fresh process, so that the peak resident memory of a case
     is its own and not that of another provider (the cases share a provider and sizes)."""
     args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats,
                            warmup=warmup))
@@ -252,5 +266,5 @@ def _cpu_name():
 if __name__ == "__main__":
     request = json.loads(sys.argv[1])
     device = torch.device(request["device"])
-    print(json.dumps([measure(Case(**c), device, request["repeats"], request["warmup"])
-                      for c in request["cases"]]))
+    print(json.dumps(measure([Case(**c) for c in request["cases"]], device, request["repeats"],
+                             request["warmup"])))
