@@ -32,5 +32,5 @@ def test_cpu_peak_memory_is_the_gradients():
     assert fwd["status"] == fwd_bwd["status"] == "ok"
     gradients_mib = 2 * n * v * 4 / 2**20  # 16 MiB
     assert fwd["peak_extra_mib"] < 0.1 * gradients_mib
-    assert gradients_mib <= fwd_bwd["peak_extra_mib"] <= 1.05 * gradients_mib
+    assert 0.95 * gradients_mib <= fwd_bwd["peak_extra_mib"] <= 1.05 * gradients_mib
     assert 0 < fwd["q20_ms"] <= fwd["median_ms"] <= fwd["q80_ms"]
