@@ -26,11 +26,14 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
 
 @pytest.mark.skipif(_native.unavailable_reason() is not None, reason="needs the native kernel")
 def test_cpu_peak_memory_is_the_gradients():
-    n, v = 64, 32768
+    # DESIGN.md 7: at most the gradients plus 5% of the inputs (here as large as the gradients).
+    # The gradients are paged in with transparent huge pages where the OS has them, so the
+    # resident peak can pass them by up to a 2 MiB page: the size keeps 5% above that.
+    n, v = 256, 32768
     cases = [Case(n, v, "float32", "fastrdrop", mode) for mode in ("fwd", "fwd+bwd")]
     fwd, fwd_bwd = measure.measure_in_subprocess(cases, torch.device("cpu"), repeats=3, warmup=1)
     assert fwd["status"] == fwd_bwd["status"] == "ok"
-    gradients_mib = 2 * n * v * 4 / 2**20  # 16 MiB
-    assert fwd["peak_extra_mib"] < 0.1 * gradients_mib
+    gradients_mib = 2 * n * v * 4 / 2**20  # 64 MiB
+    assert fwd["peak_extra_mib"] < 0.05 * gradients_mib
     assert 0.95 * gradients_mib <= fwd_bwd["peak_extra_mib"] <= 1.05 * gradients_mib
     assert 0 < fwd["q20_ms"] <= fwd["median_ms"] <= fwd["q80_ms"]
