@@ -127,12 +127,10 @@ inline float vexp(float x) {
   g = g * r + 1.6666887e-1f;
   g = g * r + 4.9999143e-1f;
   const float p = g * r * r + r + 1.0f;
-  int32_t t_bits;
-  std::memcpy(&t_bits, &t, sizeof t_bits);
-  const int32_t scale_bits = (t_bits - 0x4B400000 + 127) << 23;  // 0x4B400000: the bits of magic
-  float scale;
-  std::memcpy(&scale, &scale_bits, sizeof scale);
-  return p * scale;
+  // 2^n: n + 127 into the exponent bits (0x4B400000: the bits of magic); unsigned, so that no
+  // input, NaN included, makes the shift undefined
+  const uint32_t scale_bits = (as_bits(t) - 0x4B400000u + 127u) << 23;
+  return p * as_float(scale_bits);
 }
 
 // c * tanh(x / c), through exp(-2 |x / c|): the same formula as the Triton kernels
