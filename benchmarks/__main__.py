@@ -2,7 +2,8 @@
 
 Sweeps sizes x providers x {fwd, fwd+bwd} on one device, prints a table and writes
 ``results.json``, ``results.md`` and PNG plots into ``benchmarks/results/<device>-<date>/``.
-On CPU every case runs in its own process, so that its peak resident memory is its own.
+On CPU each provider and size runs in its own process, so that its peak resident memory is its
+own.
 """
 
 import argparse

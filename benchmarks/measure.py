@@ -11,6 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 
 import torch
 
@@ -103,7 +104,7 @@ def _release_freed_memory():
 
 def peak_extra_bytes(fn, case, provider, inputs, target, device):
     """Peak memory one call adds on top of its inputs, the returned gradients included. CPU: the
-    resident set of this process (its peak is reset first), so run one case per process."""
+    resident set of this process (its peak is reset first), so run one provider per process."""
     fresh = fresh_inputs(case, provider, inputs)
     gc.collect()
     if device.type == "cuda":
@@ -189,10 +190,10 @@ def check_against_eager(fn, case, provider, inputs, target):
 
 
 def measure(cases, device, repeats, warmup=2):
-    """One row of results per case: times, memory, bandwidth; or a status saying why not. Every
-    case is timed before any memory is measured: on CPU the memory measurement changes how glibc
-    serves later allocations (_release_freed_memory), which would slow the timing of later cases."""
-    rows, timed = [], []
+    """One row of results per case: times, memory, bandwidth; or a status saying why not. On CPU
+    every case is timed before any memory is measured: that measurement changes how glibc serves
+    later allocations (_release_freed_memory), which would slow the timing of later cases."""
+    rows, memory_later = [], []
     for case in cases:
         provider = PROVIDERS[case.provider]
         try:
@@ -200,23 +201,24 @@ def measure(cases, device, repeats, warmup=2):
             inputs, target = make_inputs(case, device)
             check_against_eager(fn, case, provider, inputs, target)
             samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
+            median, q20, q80 = quantiles(samples)
+            row = dict(asdict(case), status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3,
+                       q80_ms=q80 * 1e3, gbps=case.min_bytes() / median / 1e9,
+                       input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20)
+            if device.type == "cpu":
+                memory_later.append((row, fn, case, provider))
+            else:
+                row["peak_extra_mib"] = peak_extra_bytes(fn, case, provider, inputs, target,
+                                                         device) / 2**20
         except torch.OutOfMemoryError:
-            rows.append(dict(asdict(case), status="out of memory"))
-            continue
-        median, q20, q80 = quantiles(samples)
-        rows.append(dict(asdict(case), status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3,
-                         q80_ms=q80 * 1e3, gbps=case.min_bytes() / median / 1e9,
-                         input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20))
-        timed.append((rows[-1], fn, case, provider))
-        del inputs, target
-    for row, fn, case, provider in timed:
+            row = dict(asdict(case), status="out of memory")
+        finally:
+            inputs = target = None  # free before the next case allocates its own
+        rows.append(row)
+    for row, fn, case, provider in memory_later:
         inputs, target = make_inputs(case, device)
-        try:
-            row["peak_extra_mib"] = peak_extra_bytes(fn, case, provider, inputs, target,
-                                                     device) / 2**20
-        except torch.OutOfMemoryError:
-            row.update(status="out of memory")
-        del inputs, target
+        row["peak_extra_mib"] = peak_extra_bytes(fn, case, provider, inputs, target,
+                                                 device) / 2**20
     return rows
 
 
@@ -226,7 +228,7 @@ def measure_in_subprocess(cases, device, repeats, warmup=2):
     args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats,
                            warmup=warmup))
     done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args], check=True,
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
