@@ -47,9 +47,9 @@ def gradients(model):
 
 
 def _worker(rank, store, kind, out):
-    # A worker still running after 100 s prints every thread's stack and exits, within the
+    # A worker still running after 90 s prints every thread's stack and exits, within the
     # parent's 2-minute wait, so a hang shows where it is.
-    faulthandler.dump_traceback_later(100, exit=True)
+    faulthandler.dump_traceback_later(90, exit=True)
     # Loopback only: gloo would otherwise look its address up from the hostname, which can stall
     # on machines without DNS.
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
