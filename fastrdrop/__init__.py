@@ -1,10 +1,10 @@
 """fastrdrop: the R-Drop loss (cross entropy of two dropout passes + their symmetric KL), fused."""
 
 from . import reference
-from ._common import RDropParts
+from ._common import RDropParts, set_label_check
 from .linear import LinearRDropLoss, linear_rdrop_loss
 from .loss import RDropLoss, rdrop_loss
 
 __all__ = ["LinearRDropLoss", "RDropLoss", "RDropParts", "linear_rdrop_loss", "rdrop_loss",
-           "reference"]
+           "reference", "set_label_check"]
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """What every backend shares: the result type, argument checks and the reduction."""
 
 import math
+import os
 from typing import NamedTuple, Optional
 
 import torch
@@ -105,11 +106,35 @@ def _check_real(name: str, value: object) -> None:
         raise ValueError(f"{name} must be finite, got {value}")
 
 
-def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index: int) -> None:
-    """Labels must lie in [0, V) or equal ignore_index. Reads the labels (a device sync on GPU).
+_LABEL_CHECK = {"always": os.environ.get("FASTRDROP_CHECK_LABELS", "0") == "1"}
+
+
+def set_label_check(enabled: bool) -> None:
+    """Check label values on every call, on GPU too, where the check reads the labels back to the
+    host: a device-to-host synchronisation per call, and no CUDA-graph capture. For debugging.
+
+    By default labels are checked where reading them costs nothing: on CPU tensors, except under
+    the Triton backend, which follows the GPU rule. Unchecked, a label outside [0, V) that is not
+    ``ignore_index`` makes its token's loss and gradient rows NaN; no memory outside the logits is
+    read. The environment variable ``FASTRDROP_CHECK_LABELS=1`` turns the check on at import.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    _LABEL_CHECK["always"] = enabled
+
+
+def labels_checked(target: Tensor, backend: str) -> bool:
+    """Whether :func:`check_target_values` reads the labels of this call (see set_label_check)."""
+    return _LABEL_CHECK["always"] or (target.device.type == "cpu" and backend != "triton")
+
+
+def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index: int,
+                        backend: str) -> None:
+    """Labels must lie in [0, V) or equal ignore_index: a ValueError where labels_checked says so.
     Skipped while torch.compile traces (a data-dependent branch); the fused ops run it inside
     their custom op, which executes eagerly even in a compiled graph."""
-    if target is None or target.numel() == 0 or torch.compiler.is_compiling():
+    if (target is None or target.numel() == 0 or torch.compiler.is_compiling()
+            or not labels_checked(target, backend)):
         return
     bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
     if bool(bad.any()):

@@ -6,6 +6,7 @@ Functions (default and in-place) that ``fastrdrop.rdrop_loss`` calls.
 """
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -22,19 +23,10 @@ except ImportError:  # no Triton on this platform: the triton backend is unavail
     triton = None
     triton_kernels = None
 
-# A fixed config (autotuning would hide a recompile in every new V): 8192 fp32 lanes per block is
-# 16 per thread with 16 warps, which keeps the two rows' blocks in registers.
-MAX_BLOCK = 8192
-NUM_WARPS = 16
-
 
 def triton_interpreted() -> bool:
     """True when TRITON_INTERPRET=1 was set before Triton was imported (kernels run on CPU)."""
-    if triton is None:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(triton_kernels._rdrop_fwd_kernel, InterpretedFunction)
+    return triton is not None and triton_kernels.INTERPRETED.value
 
 
 def triton_unavailable_reason(device: torch.device) -> Optional[str]:
@@ -52,56 +44,132 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Launch configuration: (V range, dtype) -> (BLOCK, threads per program). The loops are memory
+# bound: each iteration loads a block of both rows, reduces it across the program and moves on,
+# so what matters is that every load is a 16-byte vector, that enough bytes are in flight per SM
+# to cover the memory latency, and that the registers leave room for more than one program per
+# SM (one program's reductions then overlap another's loads). Reasons, from
+# `python -m benchmarks.codegen` (benchmarks/results/codegen.md):
+LAUNCH_TABLE = {
+    # max V, bytes per element: BLOCK, threads
+    (1024, 4): (256, 64),
+    (1024, 2): (512, 64),
+    (None, 4): (1024, 256),
+    (None, 2): (2048, 256),
+}
+
+
+def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
+    """(BLOCK, threads per program) of the Triton kernels for rows of ``vocab_size`` entries."""
+    elem = torch.finfo(dtype).bits // 8
+    for (max_vocab, elem_bytes), config in LAUNCH_TABLE.items():
+        if elem_bytes == elem and (max_vocab is None or vocab_size <= max_vocab):
+            return config
+    raise ValueError(f"no launch configuration for {dtype}")
+
+
+@functools.lru_cache(maxsize=None)
+def warp_size(device: torch.device) -> int:
+    """Threads per warp on ``device``: 64 on AMD CDNA GPUs, 32 on NVIDIA (and the interpreter)."""
+    if device.type == "cpu":
+        return 32
+    with _device_guard(device):
+        return triton.runtime.driver.active.get_current_target().warp_size
+
+
+def _launch_options(vocab_size: int, dtype: torch.dtype, device: torch.device) -> dict:
+    block, threads = launch_config(vocab_size, dtype)
+    # fused multiply-add on, whatever Triton's default (3.10 turns it off unless asked)
+    return dict(BLOCK=block, num_warps=max(threads // warp_size(device), 1),
+                enable_fp_fusion=True)
+
+
+def rows_aligned(*rows: Tensor) -> bool:
+    """Whether every row of these [n_rows, V] tensors starts on a 16-byte boundary and V fills
+    whole 16-byte vectors: the kernels' ALIGNED flag, which gives 128-bit loads and stores."""
+    elem = rows[0].element_size()
+    return (rows[0].shape[1] * elem) % 16 == 0 and all(
+        t.data_ptr() % 16 == 0 and (t.stride(0) * elem) % 16 == 0 for t in rows)
+
+
+# ---------------------------------------------------------------------------------------------
 # Launchers: inputs are [n_rows, V] with a contiguous last dim and n_rows >= 1.
 
 
-def _device_guard(t: Tensor):
-    return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
+def _device_guard(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
-def _block(vocab_size: int) -> int:
-    return min(triton.next_power_of_2(vocab_size), MAX_BLOCK)
+def _labels(target: Optional[Tensor], like: Tensor) -> tuple[Tensor, int]:
+    """(int64 labels, has_target): one kernel signature whatever the labels' dtype, and one
+    binary with or without labels (a placeholder that is never read then)."""
+    if target is None:
+        return torch.empty(1, dtype=torch.int64, device=like.device), 0
+    return target.to(torch.int64), 1
 
 
 def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
                     softcap, alpha, inplace):
     n_rows, vocab_size = z1.shape
-    with _device_guard(z1):
+    labels, has_target = _labels(target, z1)
+    with _device_guard(z1.device):
         triton_kernels._rdrop_fwd_kernel[(n_rows,)](
-            z1, z2, z1 if target is None else target, parts if row_weight is None else row_weight,
+            z1, z2, labels, parts if row_weight is None else row_weight,
             parts, stats,
             n_rows, vocab_size,
             z1.stride(0), z2.stride(0),
-            ignore_index, label_smoothing, softcap or 1.0, alpha,
-            HAS_TARGET=target is not None, SMOOTHING=label_smoothing > 0,
-            SOFTCAP=softcap is not None, INPLACE=inplace, BLOCK=_block(vocab_size),
-            num_warps=NUM_WARPS,
+            has_target, ignore_index, label_smoothing * has_target, softcap or 1.0, alpha,
+            int(inplace),
+            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2),
+            **_launch_options(vocab_size, z1.dtype, z1.device),
         )
 
 
 def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, label_smoothing,
                      softcap):
     n_rows, vocab_size = z1.shape
-    with _device_guard(z1):
+    labels, has_target = _labels(target, z1)
+    with _device_guard(z1.device):
         triton_kernels._rdrop_bwd_kernel[(n_rows,)](
-            z1, z2, z1 if target is None else target, stats, grad_parts,
+            z1, z2, labels, stats, grad_parts,
             dz1, dz2,
             n_rows, vocab_size,
-            z1.stride(0), z2.stride(0),
-            ignore_index, label_smoothing, softcap or 1.0,
-            HAS_TARGET=target is not None, SMOOTHING=label_smoothing > 0,
-            SOFTCAP=softcap is not None, BLOCK=_block(vocab_size),
-            num_warps=NUM_WARPS,
+            z1.stride(0), z2.stride(0), dz1.stride(0),
+            has_target, ignore_index, label_smoothing * has_target, softcap or 1.0,
+            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2, dz1, dz2),
+            **_launch_options(vocab_size, z1.dtype, z1.device),
         )
+
+
+def _triton_scale_rows(z1, z2, scale):
+    n_rows, vocab_size = z1.shape
+    with _device_guard(z1.device):
+        triton_kernels._scale_rows_kernel[(n_rows,)](
+            z1, z2, scale,
+            vocab_size, z1.stride(0), z2.stride(0),
+            scale.stride(0) if scale.numel() > 1 else 0,
+            ALIGNED=rows_aligned(z1, z2),
+            **_launch_options(vocab_size, z1.dtype, z1.device),
+        )
+
+
+def _torch_scale_rows(z1, z2, scale):
+    if scale.numel() == 1 and scale.item() == 1.0:  # on CPU reading a value costs nothing
+        return
+    z1.mul_(scale.reshape(-1, 1))
+    z2.mul_(scale.reshape(-1, 1))
 
 
 FORWARD = {"triton": _triton_forward, "native": _native.forward}
 BACKWARD = {"triton": _triton_backward, "native": _native.backward}
+# gradients written in the forward pass times the upstream gradient; in place
+SCALE_ROWS = {"triton": _triton_scale_rows, "native": _torch_scale_rows}
 
 
 # ---------------------------------------------------------------------------------------------
-# Custom ops. Labels are checked here, before any kernel runs, so that the check also runs inside
-# compiled graphs and nothing is written when it fails.
+# Custom ops. Labels are checked here (where check_target_values says that they are), before any
+# kernel runs, so that the check also runs inside compiled graphs and nothing is written when it
+# fails.
 
 
 @torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
@@ -110,7 +178,7 @@ def rdrop_forward(
     label_smoothing: float, softcap: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
     """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V]."""
-    check_target_values(target, logits1.shape[1], ignore_index)
+    check_target_values(target, logits1.shape[1], ignore_index, backend)
     parts, stats = _empty_rows(logits1)
     if logits1.shape[0] > 0:
         FORWARD[backend](logits1, logits2, target, None, parts, stats, ignore_index,
@@ -130,7 +198,7 @@ def rdrop_forward_inplace(
 ) -> Tensor:
     """Per-row parts [3, N]; overwrites the logits with the gradients of
     sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r."""
-    check_target_values(target, logits1.shape[1], ignore_index)
+    check_target_values(target, logits1.shape[1], ignore_index, backend)
     parts, stats = _empty_rows(logits1)
     if logits1.shape[0] > 0:
         FORWARD[backend](logits1, logits2, target, row_weight, parts, stats, ignore_index,
@@ -227,6 +295,7 @@ class RDropInplaceFunction(torch.autograd.Function):
         # Kept as detached aliases, not saved tensors: the logits now hold the gradients, and
         # unpacking a saved view whose storage changed would fail for views made by chunk/split.
         ctx.grads = (logits1.detach(), logits2.detach())
+        ctx.backend = backend
         ctx.mark_non_differentiable(parts)
         return row_weight * token_loss(parts, alpha), parts
 
@@ -235,8 +304,10 @@ class RDropInplaceFunction(torch.autograd.Function):
         dz1, dz2 = take_gradients_once(ctx)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
-        if torch.compiler.is_compiling() or grad_rows.numel() != 1 or grad_rows.item() != 1.0:
+        if torch.compiler.is_compiling():
             scale = grad_rows.reshape(-1, 1)
             dz1.mul_(scale)
             dz2.mul_(scale)
+        elif dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
+            SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
         return dz1, dz2, *[None] * 7

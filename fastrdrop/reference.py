@@ -35,7 +35,7 @@ def rdrop_loss(
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
     vocab_size = logits1.shape[-1]
-    check_target_values(target, vocab_size, ignore_index)
+    check_target_values(target, vocab_size, ignore_index, "torch")
     compute_dtype = torch.promote_types(logits1.dtype, torch.float32)
     z1 = logits1.reshape(-1, vocab_size).to(compute_dtype)
     z2 = logits2.reshape(-1, vocab_size).to(compute_dtype)
@@ -63,11 +63,16 @@ def rdrop_loss(
     else:
         labels = target.reshape(-1)
         counted = labels != ignore_index
+        # An unchecked label outside [0, V) (on GPU, see fastrdrop.set_label_check) is not read:
+        # its token's cross entropies, and through them its gradients, are NaN.
+        bad = counted & ((labels < 0) | (labels >= vocab_size))
+        labels = labels.masked_fill(bad, 0)
+        poison = torch.where(bad, float("nan"), 1.0).to(compute_dtype)
         n_present = (~absent).sum(-1)
-        ce1 = _cross_entropy(logp1_full, logp1, labels, counted, n_present, ignore_index,
-                             label_smoothing)
-        ce2 = _cross_entropy(logp2_full, logp2, labels, counted, n_present, ignore_index,
-                             label_smoothing)
+        ce1 = poison * _cross_entropy(logp1_full, logp1, labels, counted, n_present, ignore_index,
+                                      label_smoothing)
+        ce2 = poison * _cross_entropy(logp2_full, logp2, labels, counted, n_present, ignore_index,
+                                      label_smoothing)
         kl = torch.where(counted, kl, 0.0)  # an ignored token contributes to neither term
 
     batch_shape = logits1.shape[:-1]

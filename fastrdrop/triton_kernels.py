@@ -13,17 +13,71 @@ Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after 
 ``c_ce1, c_ce2, c_kl`` are the row's upstream gradients of ``CE_1, CE_2, symKL``. With softcap the
 gradient is multiplied by ``1 - (z / c)^2``. A position where both raw logits are -inf (a masked
 vocabulary entry) is absent from the row: it adds nothing to any sum, gets gradient 0, and ``V'``
-counts the present positions only. All math is fp32 whatever the input dtype.
+counts the present positions only. All math is fp32 whatever the input dtype. A label outside
+[0, V) that is not ignore_index makes its row's CE and gradients NaN; it is never read.
 
 Per-row statistics kept for the backward pass (``stats``, shape [5, n_rows]):
 ``lse1, lse2, E_p[D], E_q[D], V'``. Per-row loss parts (``parts``, shape [3, n_rows]):
 ``CE_1, CE_2, symKL``, all 0 for an ignored row.
+
+Specialisation. Triton compiles one binary per value of the constexpr flags and per property of
+the arguments it specialises on. Sizes, strides, flags given as values and ignore_index are not
+specialised (V = 1, one row or a stride divisible by 16 would each be another binary), nor is the
+alignment of pointers read once per row. Instead the launcher says with ``ALIGNED`` that every
+row of the logits and gradients starts on a 16-byte boundary and that V fills whole 16-byte
+vectors; the kernels then write V and the strides as multiples of the vector length, from which
+the compiler emits 128-bit loads and stores. Each kernel is jitted twice: for ALIGNED rows Triton
+also specialises the row pointers on their alignment (AMD's buffer loads take their width from
+it), for other rows on nothing, so that any offsets share one binary. The binaries a call can
+launch are therefore dtype x ALIGNED x the launch table of ops.py x SOFTCAP per kernel, and
+tests/test_codegen.py compiles every one of them for each GPU target.
 """
 
 import triton
 import triton.language as tl
 
-NEG_INF: tl.constexpr = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))
+
+# Arguments that are values, not specialisations (see the module docstring), and pointers that
+# are read or written once per row.
+_VALUES = ["n_rows", "V", "z1_row_stride", "z2_row_stride", "dz_row_stride", "scale_stride",
+           "has_target", "inplace", "ignore_index"]
+_PER_ROW = ["target_ptr", "row_weight_ptr", "grad_parts_ptr", "parts_ptr", "stats_ptr",
+            "scale_ptr"]
+_ROWS = ["z1_ptr", "z2_ptr", "dz1_ptr", "dz2_ptr"]
+
+
+class _ByAlignment:
+    """A kernel jitted twice, the binary picked at launch by its ALIGNED argument: ``aligned``
+    specialises the row pointers on their 16-byte alignment, ``any_rows`` does not."""
+
+    def __init__(self, fn):
+        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+
+        def jit(not_on_alignment):
+            return triton.jit(fn, do_not_specialize=[n for n in _VALUES if n in names],
+                              do_not_specialize_on_alignment=[
+                                  n for n in not_on_alignment if n in names])
+
+        self.aligned = jit(_PER_ROW)
+        self.any_rows = jit(_PER_ROW + _ROWS)
+
+    def __getitem__(self, grid):
+        def launch(*args, ALIGNED, **kwargs):
+            kernel = self.aligned if ALIGNED else self.any_rows
+            return kernel[grid](*args, ALIGNED=ALIGNED, **kwargs)
+
+        return launch
+
+
+@triton.jit
+def _whole_vectors(n, ptr, ALIGNED: tl.constexpr):
+    """n itself; when ALIGNED (the launcher checked that n is a multiple of the 16-byte vector
+    length of ptr's dtype), written so that the compiler can see it."""
+    if ALIGNED:
+        vec: tl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth
+        n = n // vec * vec
+    return n
 
 
 @triton.jit
@@ -49,10 +103,10 @@ def _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP: tl.constexpr)
 
 @triton.jit
 def _store_grad(ptr, x, mask):
-    # fp32 -> the logits' dtype, rounding to nearest even. For bf16 the rounding is done on the
-    # bits (add half an ulp, ties to even, then cut): the GPU's conversion does the same, and
-    # Triton's interpreter would truncate instead.
-    if ptr.dtype.element_ty == tl.bfloat16:
+    # fp32 -> the logits' dtype, rounding to nearest even, as the GPU's conversion does. Triton's
+    # interpreter truncates to bf16, so there the rounding is done on the bits: add half an ulp,
+    # ties to even, then cut.
+    if INTERPRETED and ptr.dtype.element_ty == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
@@ -69,9 +123,8 @@ def _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(z1_row_ptr, z2_row_ptr, y, V, eps, softcap,
-               HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-               BLOCK: tl.constexpr):
+def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
+               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
     """One streaming pass over a row: (CE_1, CE_2, symKL, lse1, lse2, E_p[D], E_q[D], V')."""
     # 1. online max m_k, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) * D, over vocab blocks
     m1 = NEG_INF
@@ -103,7 +156,7 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, V, eps, softcap,
         t2 = t2 * rescale2 + tl.sum(tl.where(e2 > 0, e2 * d, 0.0), 0)
         m1 = m1_new
         m2 = m2_new
-        if SMOOTHING:
+        if eps > 0:  # label smoothing (0 without target); a uniform branch
             sum_z1 += tl.sum(tl.where(present, z1, 0.0), 0)
             sum_z2 += tl.sum(tl.where(present, z2, 0.0), 0)
         n_present += tl.sum(present.to(tl.float32), 0)
@@ -115,30 +168,38 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, V, eps, softcap,
     eq = t2 / s2
     kl = 0.5 * (ep - eq)
 
-    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k; NaN for a label outside [0, V)
     ce1 = 0.0
     ce2 = 0.0
-    if HAS_TARGET:
-        zy1 = tl.load(z1_row_ptr + y).to(tl.float32)
-        zy2 = tl.load(z2_row_ptr + y).to(tl.float32)
+    if has_target:
+        label_ok = (y >= 0) & (y < V)
+        y_safe = tl.where(label_ok, y, 0)
+        zy1 = tl.load(z1_row_ptr + y_safe).to(tl.float32)
+        zy2 = tl.load(z2_row_ptr + y_safe).to(tl.float32)
         if SOFTCAP:  # a label on an absent entry stays -inf: its cross entropy is inf
             label_absent = (zy1 == NEG_INF) & (zy2 == NEG_INF)
             zy1 = tl.where(label_absent, NEG_INF, _softcap(zy1, softcap))
             zy2 = tl.where(label_absent, NEG_INF, _softcap(zy2, softcap))
         ce1 = lse1 - (1.0 - eps) * zy1
         ce2 = lse2 - (1.0 - eps) * zy2
-        if SMOOTHING:
+        if eps > 0:
             ce1 -= eps / n_present * sum_z1
             ce2 -= eps / n_present * sum_z2
+        ce1 = tl.where(label_ok, ce1, float("nan"))
+        ce2 = tl.where(label_ok, ce2, float("nan"))
     return ce1, ce2, kl, lse1, lse2, ep, eq, n_present
 
 
 @triton.jit
-def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, V,
+def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
                lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap,
-               HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-               BLOCK: tl.constexpr):
-    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2)."""
+               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2).
+    Without target the CE part vanishes (y = -1 and c_ce = 0): no branch, no other binary."""
+    c_ce1 = tl.where(has_target, c_ce1, 0.0)
+    c_ce2 = tl.where(has_target, c_ce2, 0.0)
+    label_ok = ((y >= 0) & (y < V)) | (not has_target)
+    smoothing = tl.where(eps > 0, eps / n_present, 0.0)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
@@ -150,53 +211,54 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, V,
         q_d = tl.where(q > 0, q * (d - eq), 0.0)
         dz1 = 0.5 * c_kl * (p_d + p - q)
         dz2 = -0.5 * c_kl * (q_d + p - q)
-        if HAS_TARGET:
-            # CE part: c_ce (p - (1 - eps) e_y - eps / V'), the true-class term in fp32
-            on_label = tl.where(offs == y, 1.0 - eps, 0.0)
-            if SMOOTHING:
-                on_label += eps / n_present
-            dz1 += c_ce1 * (p - on_label)
-            dz2 += c_ce2 * (q - on_label)
+        # CE part: c_ce (p - (1 - eps) e_y - eps / V'), the true-class term in fp32
+        on_label = tl.where(offs == y, 1.0 - eps, 0.0) + smoothing
+        dz1 += c_ce1 * (p - on_label)
+        dz2 += c_ce2 * (q - on_label)
         if SOFTCAP:
             # d/dx c tanh(x / c) = 1 - (z / c)^2
             dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
             dz2 *= 1.0 - (z2 / softcap) * (z2 / softcap)
         dz1 = tl.where(present, dz1, 0.0)
         dz2 = tl.where(present, dz2, 0.0)
+        dz1 = tl.where(label_ok, dz1, float("nan"))
+        dz2 = tl.where(label_ok, dz2, float("nan"))
         _store_grad(dz1_row_ptr + offs, dz1, offs < V)
         _store_grad(dz2_row_ptr + offs, dz2, offs < V)
 
 
-@triton.jit
+@_ByAlignment
 def _rdrop_fwd_kernel(
     z1_ptr, z2_ptr, target_ptr, row_weight_ptr,       # inputs
     parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [5, n_rows] fp32
     n_rows, V,                                         # shapes
     z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
-    ignore_index, eps, softcap, alpha,                 # loss parameters
-    HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-    INPLACE: tl.constexpr, BLOCK: tl.constexpr,
+    has_target, ignore_index, eps, softcap, alpha,     # loss parameters (target_ptr: int64)
+    inplace,                                           # 1: also write the gradients (see below)
+    SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row. INPLACE: also write into z1, z2 the gradients of
-    row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over the row."""
+    """One program per row. inplace: also write into z1, z2 the gradients of
+    row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over the row, while the row is
+    likely still in L2. A value, not a specialisation: both modes share one binary, whose
+    registers are those of the in-place mode (the passes are sequential)."""
     row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
-    z1_row_ptr = z1_ptr + row * z1_row_stride
-    z2_row_ptr = z2_ptr + row * z2_row_stride
+    V = _whole_vectors(V, z1_ptr, ALIGNED)
+    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
+    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
 
-    y = 0
-    if HAS_TARGET:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        if y == ignore_index:
-            for k in range(3):
-                tl.store(parts_ptr + k * n_rows + row, 0.0)
-            for k in range(5):
-                tl.store(stats_ptr + k * n_rows + row, 0.0)
-            if INPLACE:
-                _fill_zeros(z1_row_ptr, z2_row_ptr, V, BLOCK)
-            return
+    has_target = has_target != 0
+    y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
+    if has_target & (y == ignore_index):
+        for k in range(3):
+            tl.store(parts_ptr + k * n_rows + row, 0.0)
+        for k in range(5):
+            tl.store(stats_ptr + k * n_rows + row, 0.0)
+        if inplace != 0:
+            _fill_zeros(z1_row_ptr, z2_row_ptr, V, BLOCK)
+        return
 
     ce1, ce2, kl, lse1, lse2, ep, eq, n_present = _row_stats(
-        z1_row_ptr, z2_row_ptr, y, V, eps, softcap, HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)
+        z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap, SOFTCAP, BLOCK)
     tl.store(parts_ptr + row, ce1)
     tl.store(parts_ptr + n_rows + row, ce2)
     tl.store(parts_ptr + 2 * n_rows + row, kl)
@@ -206,36 +268,34 @@ def _rdrop_fwd_kernel(
     tl.store(stats_ptr + 3 * n_rows + row, eq)
     tl.store(stats_ptr + 4 * n_rows + row, n_present)
 
-    if INPLACE:
+    if inplace != 0:
         w = tl.load(row_weight_ptr + row)  # c_ce1 = c_ce2 = w (unused without target), c_kl = a w
-        _row_grads(z1_row_ptr, z2_row_ptr, z1_row_ptr, z2_row_ptr, y, V,
-                   lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap,
-                   HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)
+        _row_grads(z1_row_ptr, z2_row_ptr, z1_row_ptr, z2_row_ptr, y, has_target, V,
+                   lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap, SOFTCAP, BLOCK)
 
 
-@triton.jit
+@_ByAlignment
 def _rdrop_bwd_kernel(
     z1_ptr, z2_ptr, target_ptr, stats_ptr, grad_parts_ptr,   # inputs
-    dz1_ptr, dz2_ptr,                                        # outputs, contiguous [n_rows, V]
+    dz1_ptr, dz2_ptr,                                        # outputs [n_rows, V]
     n_rows, V,                                               # shapes
-    z1_row_stride, z2_row_stride,                            # strides (the last dim is contiguous)
-    ignore_index, eps, softcap,                              # loss parameters
-    HAS_TARGET: tl.constexpr, SMOOTHING: tl.constexpr, SOFTCAP: tl.constexpr,
-    BLOCK: tl.constexpr,
+    z1_row_stride, z2_row_stride, dz_row_stride,             # strides (the last dim is contiguous)
+    has_target, ignore_index, eps, softcap,                  # loss parameters (target: int64)
+    SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program per row: dz1, dz2 from the saved stats and the parts' upstream gradients."""
     row = tl.program_id(0).to(tl.int64)
-    z1_row_ptr = z1_ptr + row * z1_row_stride
-    z2_row_ptr = z2_ptr + row * z2_row_stride
-    dz1_row_ptr = dz1_ptr + row * V
-    dz2_row_ptr = dz2_ptr + row * V
+    V = _whole_vectors(V, z1_ptr, ALIGNED)
+    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
+    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
+    dz1_row_ptr = dz1_ptr + row * _whole_vectors(dz_row_stride, dz1_ptr, ALIGNED)
+    dz2_row_ptr = dz2_ptr + row * _whole_vectors(dz_row_stride, dz2_ptr, ALIGNED)
 
-    y = 0
-    if HAS_TARGET:
-        y = tl.load(target_ptr + row).to(tl.int64)
-        if y == ignore_index:
-            _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
-            return
+    has_target = has_target != 0
+    y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
+    if has_target & (y == ignore_index):
+        _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
+        return
 
     lse1 = tl.load(stats_ptr + row)
     lse2 = tl.load(stats_ptr + n_rows + row)
@@ -245,6 +305,34 @@ def _rdrop_bwd_kernel(
     c_ce1 = tl.load(grad_parts_ptr + row)
     c_ce2 = tl.load(grad_parts_ptr + n_rows + row)
     c_kl = tl.load(grad_parts_ptr + 2 * n_rows + row)
-    _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, V,
-               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap,
-               HAS_TARGET, SMOOTHING, SOFTCAP, BLOCK)
+    _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
+               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap, SOFTCAP, BLOCK)
+
+
+@_ByAlignment
+def _scale_rows_kernel(
+    z1_ptr, z2_ptr, scale_ptr,               # z1, z2 [n_rows, V] scaled in place; scale [n_rows]
+    V, z1_row_stride, z2_row_stride,         # shape, strides (the last dim is contiguous)
+    scale_stride,                            # 0: one scale for every row
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row: z_k[row] *= scale[row]. A row whose scale is 1 (the upstream gradient
+    of a loss that is not scaled afterwards) is left alone: no memory is touched."""
+    row = tl.program_id(0).to(tl.int64)
+    scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
+    if scale == 1.0:
+        return
+    V = _whole_vectors(V, z1_ptr, ALIGNED)
+    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
+    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
+    for start in range(0, V, BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        in_row = offs < V
+        z1 = tl.load(z1_row_ptr + offs, mask=in_row).to(tl.float32)
+        z2 = tl.load(z2_row_ptr + offs, mask=in_row).to(tl.float32)
+        _store_grad(z1_row_ptr + offs, z1 * scale, in_row)
+        _store_grad(z2_row_ptr + offs, z2 * scale, in_row)
+
+
+# Whether these kernels run under Triton's interpreter (TRITON_INTERPRET=1 before import).
+INTERPRETED = tl.constexpr(not isinstance(_rdrop_fwd_kernel.aligned, triton.runtime.JITFunction))

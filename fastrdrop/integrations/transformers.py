@@ -114,8 +114,9 @@ class RDropTrainer(Trainer):
         # With num_items_in_batch the micro-batch losses already sum to the step's mean.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         scale = 1 if self.loss_is_scaled_for_ga else 1 / self.current_gradient_accumulation_steps
-        self._rdrop_sums["ce"] += float(parts.ce1 + parts.ce2) / 2 * scale
-        self._rdrop_sums["kl"] += float(parts.kl) * scale
+        # kept on the device, read when logged: reading them every step would wait for the GPU
+        self._rdrop_sums["ce"] += (parts.ce1 + parts.ce2).detach() / 2 * scale
+        self._rdrop_sums["kl"] += parts.kl.detach() * scale
         loss = parts.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             loss = loss * self.accelerator.num_processes  # the token count is global
@@ -125,7 +126,7 @@ class RDropTrainer(Trainer):
         if "loss" in logs and self.model.training:
             steps = max(self.state.global_step - getattr(self, "_rdrop_logged_step", 0), 1)
             for name, total in self._rdrop_sums.items():
-                logs[name] = round(total / steps, 4)
+                logs[name] = round(float(total) / steps, 4)
                 self._rdrop_sums[name] = 0.0
             self._rdrop_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
