@@ -1,12 +1,14 @@
 # fastrdrop: `make help` lists the targets.
 PYTHON     ?= python3
 VENV       ?= .venv
-# torch is installed before the package, so that its torch>=2.4 requirement is already met
+# torch is installed before the package, so that its torch>=2.4 requirement is already met; the
+# Triton whose binaries tests/test_codegen.py checks is pinned with it
 TORCH_SPEC ?= torch==2.13.0
+TRITON_SPEC ?= triton==3.9.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 
-.PHONY: help install test lint bench gpu-check clean
+.PHONY: help install test lint bench codegen gpu-check clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -14,7 +16,7 @@ help:  ## list the targets
 $(STAMP): pyproject.toml CMakeLists.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)" "$(TRITON_SPEC)"
 	$(PY) -m pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
@@ -28,6 +30,9 @@ lint: $(STAMP)  ## ruff
 
 bench: $(STAMP)  ## benchmark every provider on this machine; prints the table, writes results
 	$(PY) -m benchmarks
+
+codegen: $(STAMP)  ## compile every Triton kernel for sm_80/90/100 and gfx942/950; print resources
+	env -u TRITON_INTERPRET TRITON_CACHE_DIR=$$(mktemp -d) $(PY) -m benchmarks.codegen
 
 # On a GPU machine whose Python already has torch and triton (nothing is downloaded there).
 gpu-check:  ## install into the current Python, run the tests on CUDA, then the GPU benchmarks

@@ -44,12 +44,27 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration: (V range, dtype) -> (BLOCK, threads per program). The loops are memory
-# bound: each iteration loads a block of both rows, reduces it across the program and moves on,
-# so what matters is that every load is a 16-byte vector, that enough bytes are in flight per SM
-# to cover the memory latency, and that the registers leave room for more than one program per
-# SM (one program's reductions then overlap another's loads). Reasons, from
-# `python -m benchmarks.codegen` (benchmarks/results/codegen.md):
+# Launch configuration: (V range, dtype) -> (BLOCK, threads per program). The row loops are memory
+# bound: each iteration loads a block of both rows, reduces it across the program and moves on. So
+# every thread loads one 16-byte vector per row per iteration (BLOCK = threads x 16 B / element),
+# the registers must leave room for several programs per SM (one program's reductions then hide
+# behind another's loads), and those programs must keep enough bytes in flight to cover the memory
+# latency: about 3 TB/s x 0.7 us / 132 SMs = 16 KiB per SM on an H100, 24 on an H200, ~36 on a
+# B200. Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90; the forward binary includes
+# the in-place pass): benchmarks/results/codegen/codegen.md.
+#
+#   V > 1024, 16-bit: 2048 x 256. 80 registers forward, 64 backward: 3 and 4 programs per SM, 24 and
+#     32 KiB in flight. Two vectors per thread (4096 x 256): 104-113 registers, 2 programs, 32 KiB,
+#     half the reductions per byte; 4096 x 512: 1-2 programs, 16-32 KiB (register granularity).
+#   V > 1024, fp32: 1024 x 256. 48 and 40 registers: 5 and 6 programs per SM, 40 and 48 KiB
+#     (2048 x 256: 62-72 registers, 3-4 programs).
+#   V <= 1024: 64 threads (two warps; one AMD wave). A row is one or a few iterations, bound by the
+#     latency of its reductions, so many small programs beat few large ones: 14-25 per SM.
+#
+# Threads, not warps: an AMD wave has 64 lanes, so it gets the same work per thread. Liger-Kernel's
+# cross entropy streams blocks of 32768 with 32 warps (32 elements per thread, 16 warps on AMD);
+# quack keeps 128-bit vectors and 128 (V <= 16k) or 256 threads, but holds the whole row on chip,
+# across a cluster of up to 16 SMs for long rows. Timing the candidates on a GPU is owed (README).
 LAUNCH_TABLE = {
     # max V, bytes per element: BLOCK, threads
     (1024, 4): (256, 64),
