@@ -73,8 +73,9 @@ class _ByAlignment:
 @triton.jit
 def _whole_vectors(n, ptr, ALIGNED: tl.constexpr):
     """n itself; when ALIGNED (the launcher checked that n is a multiple of the 16-byte vector
-    length of ptr's dtype), written so that the compiler can see it."""
-    if ALIGNED:
+    length of ptr's dtype), written so that the compiler can see it (the interpreter has no use
+    for it)."""
+    if ALIGNED and not INTERPRETED:
         vec: tl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth
         n = n // vec * vec
     return n
