@@ -59,6 +59,7 @@ class Build:
     num_warps: int
     aligned: bool  # the ALIGNED flag: rows start on 16-byte boundaries, V whole vectors
     flags: dict  # the other constexpr flags
+    specialised: dict  # arguments Triton specialised on a property (none expected)
     ok: bool = False
     error: str = ""
     registers: int = 0  # per thread (VGPRs + AGPRs on AMD)
@@ -96,18 +97,18 @@ class _Recorder:
 
 
 @contextlib.contextmanager
-def recording(warp_size, on_launch):
+def recording(target, on_launch):
     """Within: the Triton kernels hand their launches to ``on_launch`` (on CPU tensors, which the
-    launchers treat as GPU tensors of the same layout), for GPUs of ``warp_size``."""
+    launchers treat as GPU tensors of the same layout), as on a GPU of Triton's ``target``."""
     from fastrdrop import ops
 
     binaries = dict(kernel_binaries())
-    saved = {name: getattr(ops, name) for name in ("warp_size", "triton_unavailable_reason")
+    saved = {name: getattr(ops, name) for name in ("gpu_target", "triton_unavailable_reason")
              if hasattr(ops, name)}
     try:
         for name, fn in binaries.items():
             _set(name, _Recorder(name, fn, on_launch))
-        ops.warp_size = lambda device: warp_size
+        ops.gpu_target = lambda device: target
         ops.triton_unavailable_reason = lambda device: None
         yield
     finally:
@@ -118,8 +119,7 @@ def recording(warp_size, on_launch):
 
 
 def kernel_binaries():
-    """(name, JITFunction) of every kernel: "_rdrop_fwd_kernel.aligned" for one jitted per row
-    alignment (see fastrdrop.triton_kernels), "_name_kernel" for a plain one."""
+    """(name, JITFunction) of every kernel of fastrdrop.triton_kernels."""
     from triton.runtime import JITFunction
 
     from fastrdrop import triton_kernels
@@ -127,29 +127,18 @@ def kernel_binaries():
     for name, kernel in vars(triton_kernels).items():
         if isinstance(kernel, JITFunction) and name.endswith("_kernel"):
             yield name, kernel
-        elif hasattr(kernel, "aligned") and hasattr(kernel, "any_rows"):
-            yield f"{name}.aligned", kernel.aligned
-            yield f"{name}.any_rows", kernel.any_rows
 
 
 def _get(name):
     from fastrdrop import triton_kernels
 
-    found = triton_kernels
-    for part in name.split("."):
-        found = getattr(found, part)
-    return found
+    return getattr(triton_kernels, name)
 
 
 def _set(name, value):
-    owner, _, attribute = name.rpartition(".")
-    setattr(_get(owner) if owner else _module(), attribute, value)
-
-
-def _module():
     from fastrdrop import triton_kernels
 
-    return triton_kernels
+    setattr(triton_kernels, name, value)
 
 
 def vocab_sizes(dtype):
@@ -183,7 +172,8 @@ def api_calls():
                                     f"{kwargs}",
                                     functools.partial(_loss_call, dtype, vocab, layout, target,
                                                       kwargs)))
-        # logits past 2 GiB: on AMD, pointers into a smaller tensor are a specialisation
+        # logits past 2 GiB: Triton would specialise AMD pointers into smaller tensors, if any
+        # argument were specialised
         vocab = 131072
         rows = 2 ** 31 // (vocab * (torch.finfo(dtype).bits // 8)) + 1
         for target in (False, True):
@@ -234,9 +224,9 @@ def _linear_call(dtype, vocab, target, kwargs):
     torch.autograd.grad(loss, (h1, h2, weight), torch.ones_like(loss))
 
 
-def record_launches(warp_size, on_launch):
-    """Hands every launch that the API calls make on a GPU of ``warp_size`` to ``on_launch``."""
-    with recording(warp_size, on_launch):
+def record_launches(target, on_launch):
+    """Hands every launch that the API calls make on a GPU of ``target`` to ``on_launch``."""
+    with recording(target, on_launch):
         for _, call in api_calls():
             call()
 
@@ -298,27 +288,27 @@ def jobs(target_list):
     found = {}
 
     def add(launch):  # specialised at once: a launch's tensors are not kept
-        for target in (t for t in target_list if t.warp_size == warp_size):
-            src, options = specialise(launch, target)
-            key = (target_name(target), launch.kernel, src.hash(), options.hash())
-            if key not in found:
-                found[key] = (target, launch.kernel, src.signature, src.constants, src.attrs,
-                              options.__dict__, _describe(launch, src))
+        src, options = specialise(launch, target)
+        key = (target_name(target), launch.kernel, src.hash(), options.hash())
+        if key not in found:
+            found[key] = (target, launch.kernel, src.signature, src.constants, src.attrs,
+                          options.__dict__, _describe(launch, src))
 
-    for warp_size in sorted({t.warp_size for t in target_list}):
-        record_launches(warp_size, add)
+    for target in target_list:
+        record_launches(target, add)
     return list(found.values())
 
 
 def _describe(launch, src):
     constants = {src.fn.arg_names[path[0]]: value for path, value in src.constants.items()}
-    name = launch.kernel.split(".")[0]
     kernel = {"_rdrop_fwd_kernel": "fwd", "_rdrop_bwd_kernel": "bwd",
-              "_scale_rows_kernel": "scale"}.get(name, name)
+              "_scale_rows_kernel": "scale"}.get(launch.kernel, launch.kernel)
     dtype = str(src.signature["z1_ptr"]).lstrip("*")
+    specialised = {src.fn.arg_names[path[0]]: value for path, value in src.attrs.items() if value}
     return dict(kernel=kernel, dtype=dtype, block=constants.pop("BLOCK"),
                 num_warps=launch.kwargs["num_warps"], aligned=constants.pop("ALIGNED", False),
-                flags={k: v for k, v in constants.items() if v is not None})
+                flags={k: v for k, v in constants.items() if v is not None},
+                specialised=specialised)
 
 
 def compile_job(job):
@@ -368,8 +358,7 @@ def _read_cuda(build, compiled):
     build.local_bytes = int(fields["LOCAL"]) + int(fields["STACK"])
     build.shared_bytes = compiled.metadata.shared + int(fields["SHARED"])
     loads, stores = _loop_access_bits(
-        compiled.asm["ptx"], label=r"^(\$L__BB\d+_\d+):",
-        branch=r"\bbra(?:\.uni)?\s+(\$L__BB\d+_\d+)",
+        compiled.asm["ptx"], block=r"^(\$L__BB\d+_\d+:|//\s*%bb\.\d+:)",
         access=r"\b(ld|st)\.global((?:\.[\w:]+)+)", width=_ptx_width)
     build.loop_load_bits, build.loop_store_bits = loads, stores
     limits = SM_LIMITS[int(build.target[3:])]
@@ -382,48 +371,47 @@ def _read_cuda(build, compiled):
 
 
 def _read_amd(build, compiled):
-    """VGPRs, scratch memory and LDS from the assembly's metadata (a spilled VGPR goes to scratch;
-    a spilled SGPR to a lane of a VGPR); occupancy from the VGPRs per SIMD (granule 8; a
-    program's waves spread over the CU's 4 SIMDs) and the LDS per CU."""
+    """VGPRs (the file is unified with the AGPRs), scratch memory and LDS from the assembly's
+    metadata and Triton's (a spilled VGPR goes to scratch; a spilled SGPR to a lane of a VGPR);
+    occupancy from the VGPRs per SIMD (granule 8) for waves spread over the CU's 4 SIMDs, and
+    the LDS per CU."""
     asm = compiled.asm["amdgcn"]
 
     def meta(key):
         return int(re.search(rf"\.{key}:\s+(\d+)", asm).group(1))
 
-    build.registers = meta("vgpr_count") + meta("agpr_count")
+    build.registers = meta("vgpr_count")
     build.local_bytes = meta("private_segment_fixed_size") + 4 * meta("vgpr_spill_count")
     build.sgprs_in_vgpr_lanes = meta("sgpr_spill_count")
-    build.shared_bytes = meta("group_segment_fixed_size")
+    build.shared_bytes = meta("group_segment_fixed_size") + compiled.metadata.shared
     loads, stores = _loop_access_bits(
-        asm, label=r"^(\.LBB\d+_\d+):", branch=r"\bs_c?branch\w*\s+(\.LBB\d+_\d+)",
+        asm, block=r"^(\.LBB\d+_\d+:|;\s*%bb\.\d+:)",
         access=r"\b(?:global|buffer)_(load|store)_(\w+)", width=_amd_width)
     build.loop_load_bits, build.loop_store_bits = loads, stores
     limits = SM_LIMITS[build.target]
     waves_per_simd = min(limits["waves_per_simd"],
                          limits["vgprs"] // (math.ceil(build.registers / 8) * 8))
-    by_regs = waves_per_simd // math.ceil(build.num_warps / limits["simds"])
+    by_regs = waves_per_simd * limits["simds"] // build.num_warps
     by_shared = limits["shared"] // build.shared_bytes if build.shared_bytes else by_regs
     build.programs_per_sm = min(by_regs, by_shared, limits["programs"])
     build.warps_per_sm = build.programs_per_sm * build.num_warps
 
 
-def _loop_access_bits(asm, *, label, branch, access, width):
-    """Sorted distinct widths in bits of the global loads and stores inside loops: between a
-    label and the last branch back to it."""
+def _loop_access_bits(asm, *, block, access, width):
+    """Sorted distinct widths in bits of the global loads and stores inside loops. LLVM marks the
+    basic blocks of a loop in the assembly it prints ("=>This Inner Loop Header",
+    "in Loop: Header=..."), on the line that starts the block or the comment line after it."""
     lines = asm.splitlines()
-    seen, loops = {}, []
+    loads, stores, in_loop = set(), set(), False
     for i, line in enumerate(lines):
-        found = re.match(label, line.strip())
-        if found:
-            seen[found.group(1)] = i
-        for name in re.findall(branch, line):
-            if name in seen:
-                loops.append((seen[name], i))
-    in_loop = sorted({i for start, end in loops for i in range(start, end + 1)})
-    loads, stores = set(), set()
-    for i in in_loop:
-        for kind, suffix in re.findall(access, lines[i]):
-            (loads if kind in ("ld", "load") else stores).add(width(suffix))
+        if re.match(block, line.strip()):
+            after = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            notes = line + (after if after.startswith(("//", ";")) and not re.match(block, after)
+                            else "")
+            in_loop = "Loop Header" in notes or "in Loop:" in notes
+        elif in_loop:
+            for kind, suffix in re.findall(access, line):
+                (loads if kind in ("ld", "load") else stores).add(width(suffix))
     return sorted(loads), sorted(stores)
 
 
@@ -461,7 +449,8 @@ def run(target_list=None, workers=None):
     target_list = target_list or targets()
     todo = jobs(target_list)
     context = multiprocessing.get_context("spawn")  # no fork of a process that holds torch
-    with ProcessPoolExecutor(workers or os.cpu_count(), mp_context=context) as pool:
+    workers = workers or len(os.sched_getaffinity(0))
+    with ProcessPoolExecutor(workers, mp_context=context) as pool:
         builds = list(pool.map(compile_job, todo, chunksize=4))
     order = [target_name(t) for t in target_list]
     return sorted(builds, key=lambda b: (order.index(b.target), b.kernel, b.dtype, b.block,

@@ -42,8 +42,9 @@ def rdrop_loss(
         logits1: [..., V] logits of the first pass (fp32, bf16 or fp16; any row stride).
         logits2: [..., V] logits of the second pass; same shape, dtype and device as ``logits1``.
         target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
-            Another label is a ValueError on CPU and, unchecked on GPU (see
-            :func:`fastrdrop.set_label_check`), NaN loss and gradient rows for its token.
+            Another label is a ValueError with the CPU backends; the Triton backend does not
+            read labels back (see :func:`fastrdrop.set_label_check`): its token's loss and
+            gradient rows are NaN.
         alpha: weight of the symmetric KL term, >= 0.
         ignore_index: label of tokens that contribute to neither CE nor KL.
         reduction: "mean" (over counted tokens; 0 when none counts), "sum", "none" (per-token

@@ -44,38 +44,42 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Launch configuration: (V range, dtype) -> (BLOCK, threads per program). The row loops are memory
-# bound: each iteration loads a block of both rows, reduces it across the program and moves on. So
-# every thread loads one 16-byte vector per row per iteration (BLOCK = threads x 16 B / element),
-# the registers must leave room for several programs per SM (one program's reductions then hide
-# behind another's loads), and those programs must keep enough bytes in flight to cover the memory
-# latency: about 3 TB/s x 0.7 us / 132 SMs = 16 KiB per SM on an H100, 24 on an H200, ~36 on a
-# B200. Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90; the forward binary includes
-# the in-place pass): benchmarks/results/codegen/codegen.md.
+# Launch configuration: (V range, dtype) -> BLOCK, threads per program and, on NVIDIA, registers per
+# thread. The row loops are memory bound: each iteration loads a block of both rows, reduces it
+# across the program and moves on. So every thread loads one 16-byte vector per row per iteration
+# (BLOCK = threads x 16 B / element), the registers must leave room for several programs per SM
+# (one program's reductions then hide behind another's loads), and those programs must keep
+# enough bytes in flight to cover the memory latency: about 3 TB/s x 0.7 us / 132 SMs = 16 KiB per
+# SM on an H100, 24 on an H200, ~36 on a B200. The register bound (ptxas's maxnreg; softcap's tanh
+# gets 16 more) is what fits that many programs: left to itself ptxas took 48 to 108 registers and
+# spilled a value per program in a few binaries; with these bounds none spills (Triton 3.6 and
+# 3.9). Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90, without softcap):
+# benchmarks/results/codegen/codegen.md.
 #
-#   V > 1024, 16-bit: 2048 x 256. 80 registers forward, 64 backward: 3 and 4 programs per SM, 24 and
-#     32 KiB in flight. Two vectors per thread (4096 x 256): 104-113 registers, 2 programs, 32 KiB,
-#     half the reductions per byte; 4096 x 512: 1-2 programs, 16-32 KiB (register granularity).
-#   V > 1024, fp32: 1024 x 256. 48 and 40 registers: 5 and 6 programs per SM, 40 and 48 KiB
-#     (2048 x 256: 62-72 registers, 3-4 programs).
-#   V <= 1024: 64 threads (two warps; one AMD wave). A row is one or a few iterations, bound by the
-#     latency of its reductions, so many small programs beat few large ones: 14-25 per SM.
+#   V > 1024, 16-bit: 2048 x 256, 80 / 64 registers (forward, which includes the in-place pass,
+#     / backward): 3 and 4 programs per SM, 24 and 32 KiB in flight. Two vectors per thread
+#     (4096 x 256) took 104-113 registers: 2 programs, 32 KiB, half the reductions per byte.
+#   V > 1024, fp32: 1024 x 256, 48 registers: 5 programs per SM, 40 KiB in flight.
+#   V <= 1024: 64 threads (two warps; one AMD wave), 128 registers. A row is one or a few
+#     iterations, bound by the latency of its reductions, so many small programs beat few large
+#     ones: 10-21 per SM.
 #
 # Threads, not warps: an AMD wave has 64 lanes, so it gets the same work per thread. Liger-Kernel's
 # cross entropy streams blocks of 32768 with 32 warps (32 elements per thread, 16 warps on AMD);
 # quack keeps 128-bit vectors and 128 (V <= 16k) or 256 threads, but holds the whole row on chip,
 # across a cluster of up to 16 SMs for long rows. Timing the candidates on a GPU is owed (README).
 LAUNCH_TABLE = {
-    # max V, bytes per element: BLOCK, threads
-    (1024, 4): (256, 64),
-    (1024, 2): (512, 64),
-    (None, 4): (1024, 256),
-    (None, 2): (2048, 256),
+    # max V, bytes per element: BLOCK, threads, NVIDIA registers (forward, backward)
+    (1024, 4): (256, 64, (128, 128)),
+    (1024, 2): (512, 64, (128, 128)),
+    (None, 4): (1024, 256, (48, 48)),
+    (None, 2): (2048, 256, (80, 64)),
 }
 
 
-def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
-    """(BLOCK, threads per program) of the Triton kernels for rows of ``vocab_size`` entries."""
+def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int, tuple[int, int]]:
+    """(BLOCK, threads per program, NVIDIA registers per thread for the forward and backward
+    kernels) of the Triton kernels for rows of ``vocab_size`` entries."""
     elem = torch.finfo(dtype).bits // 8
     for (max_vocab, elem_bytes), config in LAUNCH_TABLE.items():
         if elem_bytes == elem and (max_vocab is None or vocab_size <= max_vocab):
@@ -84,19 +88,25 @@ def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=None)
-def warp_size(device: torch.device) -> int:
-    """Threads per warp on ``device``: 64 on AMD CDNA GPUs, 32 on NVIDIA (and the interpreter)."""
+def gpu_target(device: torch.device):
+    """Triton's GPUTarget (backend, arch, warp size) of ``device``; None on CPU (interpreter)."""
     if device.type == "cpu":
-        return 32
+        return None
     with _device_guard(device):
-        return triton.runtime.driver.active.get_current_target().warp_size
+        return triton.runtime.driver.active.get_current_target()
 
 
-def _launch_options(vocab_size: int, dtype: torch.dtype, device: torch.device) -> dict:
-    block, threads = launch_config(vocab_size, dtype)
+def _launch_options(kernel: str, z: Tensor, softcap: Optional[float]) -> dict:
+    """BLOCK and the compile options of a launch of ``kernel`` ("forward", "backward" or
+    "scale") on the rows of z."""
+    block, threads, registers = launch_config(z.shape[1], z.dtype)
+    target = gpu_target(z.device)
+    warp_size = 32 if target is None else target.warp_size  # 64 on AMD CDNA
     # fused multiply-add on, whatever Triton's default (3.10 turns it off unless asked)
-    return dict(BLOCK=block, num_warps=max(threads // warp_size(device), 1),
-                enable_fp_fusion=True)
+    options = dict(BLOCK=block, num_warps=max(threads // warp_size, 1), enable_fp_fusion=True)
+    if target is not None and target.backend == "cuda":
+        options["maxnreg"] = registers[kernel == "backward"] + (16 if softcap is not None else 0)
+    return options
 
 
 def rows_aligned(*rows: Tensor) -> bool:
@@ -136,7 +146,7 @@ def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, labe
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0, alpha,
             int(inplace),
             SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2),
-            **_launch_options(vocab_size, z1.dtype, z1.device),
+            **_launch_options("forward", z1, softcap),
         )
 
 
@@ -152,7 +162,7 @@ def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, 
             z1.stride(0), z2.stride(0), dz1.stride(0),
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0,
             SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2, dz1, dz2),
-            **_launch_options(vocab_size, z1.dtype, z1.device),
+            **_launch_options("backward", z1, softcap),
         )
 
 
@@ -164,7 +174,7 @@ def _triton_scale_rows(z1, z2, scale):
             vocab_size, z1.stride(0), z2.stride(0),
             scale.stride(0) if scale.numel() > 1 else 0,
             ALIGNED=rows_aligned(z1, z2),
-            **_launch_options(vocab_size, z1.dtype, z1.device),
+            **_launch_options("scale", z1, None),
         )
 
 

@@ -64,7 +64,7 @@ def rdrop_loss(
         labels = target.reshape(-1)
         counted = labels != ignore_index
         # An unchecked label outside [0, V) (on GPU, see fastrdrop.set_label_check) is not read:
-        # its token's cross entropies, and through them its gradients, are NaN.
+        # its token's parts, and through them its gradients, are NaN.
         bad = counted & ((labels < 0) | (labels >= vocab_size))
         labels = labels.masked_fill(bad, 0)
         poison = torch.where(bad, float("nan"), 1.0).to(compute_dtype)
@@ -73,7 +73,7 @@ def rdrop_loss(
                                       label_smoothing)
         ce2 = poison * _cross_entropy(logp2_full, logp2, labels, counted, n_present, ignore_index,
                                       label_smoothing)
-        kl = torch.where(counted, kl, 0.0)  # an ignored token contributes to neither term
+        kl = poison * torch.where(counted, kl, 0.0)  # an ignored token adds to neither term
 
     batch_shape = logits1.shape[:-1]
     weights = row_weights(target, batch_shape, ignore_index, reduction, kl.device, compute_dtype)

@@ -14,23 +14,21 @@ Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after 
 gradient is multiplied by ``1 - (z / c)^2``. A position where both raw logits are -inf (a masked
 vocabulary entry) is absent from the row: it adds nothing to any sum, gets gradient 0, and ``V'``
 counts the present positions only. All math is fp32 whatever the input dtype. A label outside
-[0, V) that is not ignore_index makes its row's CE and gradients NaN; it is never read.
+[0, V) that is not ignore_index makes its row's parts and gradients NaN; it is never read.
 
 Per-row statistics kept for the backward pass (``stats``, shape [5, n_rows]):
 ``lse1, lse2, E_p[D], E_q[D], V'``. Per-row loss parts (``parts``, shape [3, n_rows]):
 ``CE_1, CE_2, symKL``, all 0 for an ignored row.
 
-Specialisation. Triton compiles one binary per value of the constexpr flags and per property of
-the arguments it specialises on. Sizes, strides, flags given as values and ignore_index are not
-specialised (V = 1, one row or a stride divisible by 16 would each be another binary), nor is the
-alignment of pointers read once per row. Instead the launcher says with ``ALIGNED`` that every
-row of the logits and gradients starts on a 16-byte boundary and that V fills whole 16-byte
-vectors; the kernels then write V and the strides as multiples of the vector length, from which
-the compiler emits 128-bit loads and stores. Each kernel is jitted twice: for ALIGNED rows Triton
-also specialises the row pointers on their alignment (AMD's buffer loads take their width from
-it), for other rows on nothing, so that any offsets share one binary. The binaries a call can
-launch are therefore dtype x ALIGNED x the launch table of ops.py x SOFTCAP per kernel, and
-tests/test_codegen.py compiles every one of them for each GPU target.
+Specialisation. Triton compiles one binary per value of the constexpr flags (UPPER_CASE) and per
+property of the arguments it specialises on. Here no argument is specialised: sizes, strides,
+flags given as values, ignore_index and the pointers are all plain values (otherwise V = 1, one
+row, a stride divisible by 16, a pointer's alignment or, on AMD, a tensor under 2 GiB would each
+be another binary). What the compiler needs for 128-bit loads and stores the launcher says with
+``ALIGNED``: every row of the logits and gradients starts on a 16-byte boundary and V fills whole
+16-byte vectors. The kernels then tell the compiler (``_row``, ``_row_length``). The binaries a
+call can launch are therefore exactly dtype x ALIGNED x the launch table of ops.py x SOFTCAP per
+kernel, and tests/test_codegen.py compiles every one of them for each GPU target.
 """
 
 import triton
@@ -38,47 +36,32 @@ import triton.language as tl
 
 NEG_INF = tl.constexpr(float("-inf"))
 
-# Arguments that are values, not specialisations (see the module docstring), and pointers that
-# are read or written once per row.
-_VALUES = ["n_rows", "V", "z1_row_stride", "z2_row_stride", "dz_row_stride", "scale_stride",
-           "has_target", "inplace", "ignore_index"]
-_PER_ROW = ["target_ptr", "row_weight_ptr", "grad_parts_ptr", "parts_ptr", "stats_ptr",
-            "scale_ptr"]
-_ROWS = ["z1_ptr", "z2_ptr", "dz1_ptr", "dz2_ptr"]
 
-
-class _ByAlignment:
-    """A kernel jitted twice, the binary picked at launch by its ALIGNED argument: ``aligned``
-    specialises the row pointers on their 16-byte alignment, ``any_rows`` does not."""
-
-    def __init__(self, fn):
-        names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
-
-        def jit(not_on_alignment):
-            return triton.jit(fn, do_not_specialize=[n for n in _VALUES if n in names],
-                              do_not_specialize_on_alignment=[
-                                  n for n in not_on_alignment if n in names])
-
-        self.aligned = jit(_PER_ROW)
-        self.any_rows = jit(_PER_ROW + _ROWS)
-
-    def __getitem__(self, grid):
-        def launch(*args, ALIGNED, **kwargs):
-            kernel = self.aligned if ALIGNED else self.any_rows
-            return kernel[grid](*args, ALIGNED=ALIGNED, **kwargs)
-
-        return launch
+def _jit(fn):
+    """@triton.jit, specialising on the constexpr flags only (see the module docstring)."""
+    names = fn.__code__.co_varnames[:fn.__code__.co_argcount]
+    values = [name for name in names if fn.__annotations__.get(name) is not tl.constexpr]
+    return triton.jit(fn, do_not_specialize=values)
 
 
 @triton.jit
-def _whole_vectors(n, ptr, ALIGNED: tl.constexpr):
-    """n itself; when ALIGNED (the launcher checked that n is a multiple of the 16-byte vector
-    length of ptr's dtype), written so that the compiler can see it (the interpreter has no use
-    for it)."""
+def _row(ptr, row, stride, ALIGNED: tl.constexpr):
+    """ptr + row * stride (row is int64). When ALIGNED the launcher checked that the row starts on
+    a 16-byte boundary, and the compiler is told so (the interpreter has no use for the hint)."""
+    row_ptr = ptr + row * stride
+    if ALIGNED and not INTERPRETED:
+        row_ptr = tl.multiple_of(row_ptr, 16)
+    return row_ptr
+
+
+@triton.jit
+def _row_length(V, ptr, ALIGNED: tl.constexpr):
+    """V. When ALIGNED the launcher checked that it is a multiple of the 16-byte vector length of
+    ptr's dtype; written so that the compiler sees it, the masks of whole vectors are uniform."""
     if ALIGNED and not INTERPRETED:
         vec: tl.constexpr = 128 // ptr.dtype.element_ty.primitive_bitwidth
-        n = n // vec * vec
-    return n
+        V = V // vec * vec
+    return V
 
 
 @triton.jit
@@ -169,7 +152,8 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
     eq = t2 / s2
     kl = 0.5 * (ep - eq)
 
-    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k; NaN for a label outside [0, V)
+    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k; every part NaN for a label outside
+    # [0, V), which is not read
     ce1 = 0.0
     ce2 = 0.0
     if has_target:
@@ -188,6 +172,7 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
             ce2 -= eps / n_present * sum_z2
         ce1 = tl.where(label_ok, ce1, float("nan"))
         ce2 = tl.where(label_ok, ce2, float("nan"))
+        kl = tl.where(label_ok, kl, float("nan"))
     return ce1, ce2, kl, lse1, lse2, ep, eq, n_present
 
 
@@ -228,7 +213,7 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
         _store_grad(dz2_row_ptr + offs, dz2, offs < V)
 
 
-@_ByAlignment
+@_jit
 def _rdrop_fwd_kernel(
     z1_ptr, z2_ptr, target_ptr, row_weight_ptr,       # inputs
     parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [5, n_rows] fp32
@@ -242,10 +227,12 @@ def _rdrop_fwd_kernel(
     row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over the row, while the row is
     likely still in L2. A value, not a specialisation: both modes share one binary, whose
     registers are those of the in-place mode (the passes are sequential)."""
-    row = tl.program_id(0).to(tl.int64)  # int64: row * stride overflows int32 past 2^31 elements
-    V = _whole_vectors(V, z1_ptr, ALIGNED)
-    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
-    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
+    # int64: row * stride and k * n_rows + row overflow int32 past 2^31 elements
+    row = tl.program_id(0).to(tl.int64)
+    n_rows = n_rows.to(tl.int64)
+    V = _row_length(V, z1_ptr, ALIGNED)
+    z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
+    z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
 
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
@@ -275,7 +262,7 @@ def _rdrop_fwd_kernel(
                    lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap, SOFTCAP, BLOCK)
 
 
-@_ByAlignment
+@_jit
 def _rdrop_bwd_kernel(
     z1_ptr, z2_ptr, target_ptr, stats_ptr, grad_parts_ptr,   # inputs
     dz1_ptr, dz2_ptr,                                        # outputs [n_rows, V]
@@ -286,11 +273,12 @@ def _rdrop_bwd_kernel(
 ):
     """One program per row: dz1, dz2 from the saved stats and the parts' upstream gradients."""
     row = tl.program_id(0).to(tl.int64)
-    V = _whole_vectors(V, z1_ptr, ALIGNED)
-    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
-    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
-    dz1_row_ptr = dz1_ptr + row * _whole_vectors(dz_row_stride, dz1_ptr, ALIGNED)
-    dz2_row_ptr = dz2_ptr + row * _whole_vectors(dz_row_stride, dz2_ptr, ALIGNED)
+    n_rows = n_rows.to(tl.int64)
+    V = _row_length(V, z1_ptr, ALIGNED)
+    z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
+    z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
+    dz1_row_ptr = _row(dz1_ptr, row, dz_row_stride, ALIGNED)
+    dz2_row_ptr = _row(dz2_ptr, row, dz_row_stride, ALIGNED)
 
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
@@ -310,7 +298,7 @@ def _rdrop_bwd_kernel(
                lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap, SOFTCAP, BLOCK)
 
 
-@_ByAlignment
+@_jit
 def _scale_rows_kernel(
     z1_ptr, z2_ptr, scale_ptr,               # z1, z2 [n_rows, V] scaled in place; scale [n_rows]
     V, z1_row_stride, z2_row_stride,         # shape, strides (the last dim is contiguous)
@@ -323,9 +311,9 @@ def _scale_rows_kernel(
     scale = tl.load(scale_ptr + row * scale_stride).to(tl.float32)
     if scale == 1.0:
         return
-    V = _whole_vectors(V, z1_ptr, ALIGNED)
-    z1_row_ptr = z1_ptr + row * _whole_vectors(z1_row_stride, z1_ptr, ALIGNED)
-    z2_row_ptr = z2_ptr + row * _whole_vectors(z2_row_stride, z2_ptr, ALIGNED)
+    V = _row_length(V, z1_ptr, ALIGNED)
+    z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
+    z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         in_row = offs < V
@@ -336,4 +324,4 @@ def _scale_rows_kernel(
 
 
 # Whether these kernels run under Triton's interpreter (TRITON_INTERPRET=1 before import).
-INTERPRETED = tl.constexpr(not isinstance(_rdrop_fwd_kernel.aligned, triton.runtime.JITFunction))
+INTERPRETED = tl.constexpr(not isinstance(_rdrop_fwd_kernel, triton.runtime.JITFunction))

@@ -37,12 +37,6 @@ def builds(tmp_path_factory):
     return json.loads(out.read_text())["builds"]
 
 
-def _triton_version():
-    import triton
-
-    return tuple(int(part) for part in triton.__version__.split(".")[:2])
-
-
 def _where(build):
     return (f"{build['kernel']} {build['dtype']} BLOCK={build['block']} "
             f"warps={build['num_warps']} aligned={build['aligned']} {build['flags']} "
@@ -62,7 +56,7 @@ def test_every_target_and_launch_is_covered(builds):
     assert TARGETS <= targets, f"targets compiled: {sorted(targets)}"
     expected = set()
     for dtype, elem in ((name, torch.finfo(t).bits // 8) for name, t in DTYPES.items()):
-        blocks = {block for (_, e), (block, _) in ops.LAUNCH_TABLE.items() if e == elem}
+        blocks = {config[0] for (_, e), config in ops.LAUNCH_TABLE.items() if e == elem}
         for kernel, block, aligned in itertools.product(("fwd", "bwd", "scale"), blocks,
                                                         (False, True)):
             for softcap in ((False, True) if kernel != "scale" else (None,)):
@@ -74,14 +68,16 @@ def test_every_target_and_launch_is_covered(builds):
                                    f"unexpected {sorted(found - expected)}")
 
 
+def test_only_the_constexpr_flags_are_specialised(builds):
+    # otherwise the binaries a call launches would depend on its sizes and pointers, and this test
+    # could not list them all
+    specialised = [f"{_where(b)}: {b['specialised']}" for b in builds if b["specialised"]]
+    assert not specialised, "arguments specialised on their values in\n" + "\n".join(specialised)
+
+
 def test_no_spills(builds):
     spilled = [f"{_where(b)}: {b['local_bytes']} B" for b in builds
                if b["ok"] and b["local_bytes"]]
-    if spilled and _triton_version() < (3, 9):
-        # Triton 3.6's ptxas (torch 2.11's) saves a word of predicates to the stack once per
-        # program in one sm_100 binary; the guarantee holds from the Triton make test installs
-        pytest.skip("spills are checked with Triton >= 3.9; this Triton spills in "
-                    + "; ".join(spilled))
     assert not spilled, "local memory (spills) in\n" + "\n".join(spilled)
 
 
@@ -89,11 +85,15 @@ def test_aligned_rows_load_and_store_128_bits_in_the_vocabulary_loops(builds):
     for b in (b for b in builds if b["ok"] and b["aligned"]):
         assert b["loop_load_bits"], f"{_where(b)}: no global load found in a loop"
         assert b["loop_load_bits"] == [128], f"{_where(b)}: loads of {b['loop_load_bits']} bits"
-        assert b["loop_store_bits"] in ([], [128]), (
-            f"{_where(b)}: stores of {b['loop_store_bits']} bits")
+        # every kernel writes rows in a loop: gradients (fwd: in place), scaled rows, zeros
+        assert b["loop_store_bits"] == [128], (
+            f"{_where(b)}: stores of {b['loop_store_bits']} bits in loops")
 
 
-def test_registers_leave_room_for_a_program_per_sm(builds):
+def test_registers_leave_room_for_programs_per_sm(builds):
+    # the launch table's premise: several programs per SM, so that one program's reductions hide
+    # behind another's loads (and at least one, or the launch fails)
     for b in (b for b in builds if b["ok"]):
-        assert b["programs_per_sm"] >= 1, (
-            f"{_where(b)}: {b['registers']} registers per thread leave no room for a program")
+        assert b["programs_per_sm"] >= 2, (
+            f"{_where(b)}: {b['registers']} registers per thread leave room for "
+            f"{b['programs_per_sm']} program(s) per SM")

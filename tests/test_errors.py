@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastrdrop
+from fastrdrop import _common
 
 from conftest import fused_backends
 from inputs import labels, logits_pair
@@ -53,11 +54,10 @@ BAD_INPUTS = [
 
 
 @pytest.fixture
-def label_check():
+def label_check(monkeypatch):
     """Labels checked on every call, as fastrdrop.set_label_check(True) does for debugging."""
+    monkeypatch.setitem(_common._LABEL_CHECK, "always", False)  # restored afterwards
     fastrdrop.set_label_check(True)
-    yield
-    fastrdrop.set_label_check(False)
 
 
 @pytest.mark.parametrize("backend", ["torch", *fused_backends()])

@@ -27,6 +27,12 @@ HOST_READS = ("item", "tolist", "cpu", "numpy", "__bool__", "__int__", "__float_
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def _labels_unchecked(monkeypatch):
+    # the default, whatever FASTRDROP_CHECK_LABELS says in this environment
+    monkeypatch.setitem(_common._LABEL_CHECK, "always", False)
+
+
 class _Launching:
     """Stands in for a kernel of fastrdrop.triton_kernels and marks its launches."""
 
@@ -52,7 +58,7 @@ def no_host_reads():
         for name in HOST_READS:
             patch.setattr(torch.Tensor, name, _guarded(getattr(torch.Tensor, name), name, inside))
         for name, kernel in vars(triton_kernels).items():
-            if isinstance(kernel, triton_kernels._ByAlignment):
+            if name.endswith("_kernel"):  # the @triton.jit kernels that the launchers run
                 patch.setattr(triton_kernels, name, _Launching(kernel, inside))
         yield
 
@@ -81,26 +87,24 @@ def _loss_calls():
     return calls
 
 
-@pytest.mark.skipif(DEVICE.type == "cpu" and not fastrdrop.ops.triton_interpreted(),
-                    reason="Triton cannot run here")
-@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
-@pytest.mark.parametrize("call", _loss_calls(), ids=[c[0] for c in _loss_calls()])
-def test_triton_path_reads_nothing_back(call, grad_scale):
+def _forward_backward(call, grad_scale, dtype, guard):
+    """Runs one of _loss_calls() forward and backward inside ``guard``; returns the leaves."""
     kwargs = dict(call[1])
     linear = kwargs.pop("linear", False)
-    z1, z2 = logits_pair((N, V), torch.float32)
+    z1, z2 = logits_pair((N, V), dtype)
     y = kwargs.pop("target", labels((N,), V))
     if linear:
         hidden = 16
-        h1, h2 = (torch.randn(N, hidden, device=DEVICE, requires_grad=True) for _ in range(2))
-        weight = torch.randn(V, hidden, device=DEVICE, requires_grad=True)
-        inputs = (h1, h2, weight)
+        h1, h2 = (torch.randn(N, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+                  for _ in range(2))
+        weight = torch.randn(V, hidden, device=DEVICE, dtype=dtype, requires_grad=True)
+        leaves = (h1, h2, weight)
     else:
         leaf = torch.cat([z1, z2]).requires_grad_()
-        inputs = (leaf,)
+        leaves = (leaf,)
     scale = torch.full((N,) if kwargs.get("reduction") == "none" else (), grad_scale,
                        device=DEVICE)
-    with no_host_reads():
+    with guard():
         if linear:
             loss = fastrdrop.linear_rdrop_loss(h1, h2, weight, y, backend="triton", **kwargs)
         else:
@@ -108,7 +112,16 @@ def test_triton_path_reads_nothing_back(call, grad_scale):
             loss = fastrdrop.rdrop_loss(logits[:N], logits[N:], y, backend="triton", **kwargs)
         loss = loss.loss if isinstance(loss, fastrdrop.RDropParts) else loss
         loss.backward(scale)
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in inputs)
+    return leaves
+
+
+@pytest.mark.skipif(DEVICE.type == "cpu" and not fastrdrop.ops.triton_interpreted(),
+                    reason="Triton cannot run here")
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5])
+@pytest.mark.parametrize("call", _loss_calls(), ids=[c[0] for c in _loss_calls()])
+def test_triton_path_reads_nothing_back(call, grad_scale):
+    leaves = _forward_backward(call, grad_scale, torch.float32, no_host_reads)
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in leaves)
 
 
 def _bad_label_case():
@@ -181,31 +194,22 @@ def test_set_label_check_takes_a_bool():
 # On a CUDA GPU
 
 
-@cuda_only
-@pytest.mark.parametrize("inplace", [False, True])
-def test_cuda_forward_and_backward_do_not_synchronize(inplace):
-    z1, z2 = logits_pair((64, 4096), torch.bfloat16)
-    y = labels((64,), 4096)
-    hidden = torch.randn(2, 64, 256, device=DEVICE, dtype=torch.bfloat16)
-    weight = torch.randn(4096, 256, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    scale = torch.tensor(2.0, device=DEVICE)
-
-    def step():
-        leaf = torch.cat([z1, z2]).requires_grad_()
-        logits = leaf * 1
-        loss = fastrdrop.rdrop_loss(logits[:64], logits[64:], y, label_smoothing=0.1,
-                                    inplace_backward=inplace)
-        loss.backward(scale)
-        h1, h2 = (h.clone().requires_grad_() for h in hidden)
-        fastrdrop.linear_rdrop_loss(h1, h2, weight, y, chunk_size=16).backward(scale)
-
-    step()  # compiles the kernels
+@contextlib.contextmanager
+def _sync_debug_error():
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        step()
+        yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("call", _loss_calls(), ids=[c[0] for c in _loss_calls()])
+def test_cuda_forward_and_backward_do_not_synchronize(call, dtype):
+    _forward_backward(call, 2.5, dtype, contextlib.nullcontext)  # compiles the kernels
+    _forward_backward(call, 2.5, dtype, _sync_debug_error)
 
 
 @cuda_only
@@ -243,22 +247,29 @@ def test_cuda_graph_replay_matches_eager(inplace):
 
 
 @cuda_only
-def test_more_than_2_31_elements_in_place():
-    # N * V > 2^31: row offsets past int32, checked against the oracle on sampled rows
+@pytest.mark.parametrize("inplace", [False, True])
+def test_more_than_2_31_elements(inplace):
+    # N * V > 2^31 in each of z1, z2: row offsets past int32 in the forward, the backward (or the
+    # in-place pass and its scaling), checked against the oracle on sampled rows
     n, vocab = 16500, 131072
     if torch.cuda.mem_get_info()[0] < 24 * 2**30:
         pytest.skip("needs 24 GiB of free GPU memory")
-    logits = torch.randn(2 * n, vocab, device=DEVICE, dtype=torch.bfloat16).mul_(2.0)
+    z1, z2 = (torch.randn(n, vocab, device=DEVICE, dtype=torch.bfloat16).mul_(2.0)
+              for _ in range(2))
     y = torch.randint(0, vocab, (n,), device=DEVICE)
     rows = torch.tensor([0, 1, n // 2, n - 2, n - 1], device=DEVICE)
-    z1, z2 = logits[rows].clone(), logits[n + rows].clone()
-    logits.requires_grad_()
-    loss = fastrdrop.rdrop_loss(logits[:n], logits[n:], y, reduction="none", inplace_backward=True)
-    loss.backward(torch.ones_like(loss))
-    fused = (loss.detach()[rows], logits.grad[rows], logits.grad[n + rows])
-    ones = torch.ones(len(rows), device=DEVICE)
-    eager = loss_and_grads(reference.rdrop_loss, z1, z2, ones, target=y[rows], reduction="none")
-    truth = loss_and_grads(oracle_loss, z1.double(), z2.double(), ones.double(), target=y[rows],
+    s1, s2 = z1[rows].clone(), z2[rows].clone()
+    z1.requires_grad_()
+    z2.requires_grad_()
+    loss = fastrdrop.rdrop_loss(z1, z2, y, reduction="none", inplace_backward=inplace)
+    grad_output = torch.full_like(loss, 2.0)  # not 1: the in-place scaling runs on every row
+    loss.backward(grad_output)
+    fused = (loss.detach()[rows], z1.grad[rows], z2.grad[rows])
+    del z1, z2, loss
+    upstream = grad_output[: len(rows)]
+    eager = loss_and_grads(reference.rdrop_loss, s1, s2, upstream, target=y[rows],
                            reduction="none")
+    truth = loss_and_grads(oracle_loss, s1.double(), s2.double(), upstream.double(),
+                           target=y[rows], reduction="none")
     for what, f, e, t in zip(("loss", "dz1", "dz2"), fused, eager, truth, strict=True):
         assert_oracle_rule(f, e, t, torch.bfloat16, what)
