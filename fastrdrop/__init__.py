@@ -3,8 +3,8 @@
 from . import reference
 from ._common import RDropParts, set_label_check
 from .linear import LinearRDropLoss, linear_rdrop_loss
-from .loss import RDropLoss, rdrop_loss
+from .loss import RDropLoss, StackedRDropLoss, rdrop_loss, stacked_rdrop_loss
 
-__all__ = ["LinearRDropLoss", "RDropLoss", "RDropParts", "linear_rdrop_loss", "rdrop_loss",
-           "reference", "set_label_check"]
+__all__ = ["LinearRDropLoss", "RDropLoss", "RDropParts", "StackedRDropLoss", "linear_rdrop_loss",
+           "rdrop_loss", "reference", "set_label_check", "stacked_rdrop_loss"]
 __version__ = "0.1.0"

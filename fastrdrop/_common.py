@@ -43,14 +43,39 @@ def check_args(
                   label_smoothing=label_smoothing, softcap=softcap)
 
 
+def check_stacked_args(
+    logits: Tensor,
+    target: Optional[Tensor],
+    *,
+    alpha: float,
+    ignore_index: int,
+    reduction: str,
+    label_smoothing: float,
+    softcap: Optional[float],
+) -> None:
+    """check_args for logits [2B, ..., V] holding both passes stacked on dim 0, target [B, ...]."""
+    _check_floating("logits", logits)
+    if logits.dim() < 2 or logits.shape[0] % 2 or logits.shape[-1] == 0:
+        raise ValueError(
+            "logits must have shape [2B, ..., V], both passes stacked on dim 0 (an even size) "
+            f"and V >= 1 (the vocabulary), got {_shape(logits)}")
+    check_target(target, logits[: logits.shape[0] // 2], "logits[:B]", "the vocabulary")
+    check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                  label_smoothing=label_smoothing, softcap=softcap)
+
+
+def _check_floating(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
 def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
                what: str) -> None:
     """Two floating-point tensors [..., last_dim >= 1] of one shape, dtype and device."""
-    for name, t in ((name1, t1), (name2, t2)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    _check_floating(name1, t1)
+    _check_floating(name2, t2)
     if t1.dim() == 0 or t1.shape[-1] == 0:
         raise ValueError(f"{name1} must have shape [..., {last_dim}] with {last_dim} >= 1 "
                          f"({what}), got {_shape(t1)}")

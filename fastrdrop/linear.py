@@ -220,11 +220,10 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
         z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
         labels = None if target is None else target[rows]
         if not with_grads:
-            parts[:, rows] = _forward(z[:c], z[c:], labels, kernel_args)
+            parts[:, rows] = _forward(z, labels, kernel_args)
             continue
         # z becomes dL/dz in place
-        parts[:, rows] = _gradients_into_logits(z[:c], z[c:], labels, row_weight[rows], alpha,
-                                                kernel_args)
+        parts[:, rows] = _gradients_into_logits(z, labels, row_weight[rows], alpha, kernel_args)
         if dh1 is not None or dh2 is not None:
             dh = torch.mm(z, weight)  # dh = dz W
             for out, half in ((dh1, dh[:c]), (dh2, dh[c:])):
@@ -250,29 +249,29 @@ def _add_matmul_(acc, a, b):
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 
 
-def _forward(z1, z2, labels, kernel_args):
+def _forward(z, labels, kernel_args):
+    """Per-row parts [3, c] of a chunk's stacked logits z [2c, V]."""
     backend = kernel_args[-1]
     if backend == "torch":
-        parts = reference.rdrop_loss(z1, z2, labels, reduction="none", return_parts=True,
-                                     **_reference_kwargs(kernel_args))
+        parts = reference.rdrop_loss(*ops.halves(z, None), labels, reduction="none",
+                                     return_parts=True, **_reference_kwargs(kernel_args))
         return torch.stack(parts[1:])
-    return ops.rdrop_forward(z1, z2, labels, *kernel_args)[0]
+    return ops.rdrop_forward(z, None, labels, *kernel_args)[0]
 
 
-def _gradients_into_logits(z1, z2, labels, row_weight, alpha, kernel_args):
-    """Overwrite z1, z2 with the gradients of sum_r w_r (CE_1 + CE_2 + alpha symKL)_r; return
-    the per-row parts [3, c]."""
+def _gradients_into_logits(z, labels, row_weight, alpha, kernel_args):
+    """Overwrite a chunk's stacked logits z [2c, V] with the gradients of
+    sum_r w_r (CE_1 + CE_2 + alpha symKL)_r; return the per-row parts [3, c]."""
     backend = kernel_args[-1]
     if backend != "torch":
-        return ops.rdrop_forward_inplace(z1, z2, labels, row_weight, alpha, *kernel_args)
-    a, b = z1.detach().requires_grad_(), z2.detach().requires_grad_()
+        return ops.rdrop_forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)
+    leaf = z.detach().requires_grad_()
     with torch.enable_grad():
-        parts = reference.rdrop_loss(a, b, labels, reduction="none", return_parts=True,
-                                     **_reference_kwargs(kernel_args))
+        parts = reference.rdrop_loss(*ops.halves(leaf, None), labels, reduction="none",
+                                     return_parts=True, **_reference_kwargs(kernel_args))
         rows = parts.ce1 + parts.ce2 + alpha * parts.kl
-        grad1, grad2 = torch.autograd.grad((rows * row_weight).sum(), (a, b))
-    z1.copy_(grad1)
-    z2.copy_(grad2)
+        (grad,) = torch.autograd.grad((rows * row_weight).sum(), leaf)
+    z.copy_(grad)
     return torch.stack(parts[1:]).detach()
 
 

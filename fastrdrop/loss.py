@@ -1,4 +1,5 @@
-"""Public API: ``rdrop_loss``, ``RDropLoss`` and the choice of backend."""
+"""Public API: ``rdrop_loss``, ``stacked_rdrop_loss``, their module forms and the choice of
+backend."""
 
 import functools
 import warnings
@@ -13,6 +14,7 @@ from ._common import (
     KERNEL_DTYPES,
     RDropParts,
     check_args,
+    check_stacked_args,
     reduce_rows,
     row_weights,
     token_loss,
@@ -67,28 +69,74 @@ def rdrop_loss(
     """
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
-    backend = resolve_backend(backend, logits1)
+    return _fused(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
+                  reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend)
+
+
+def stacked_rdrop_loss(
+    logits: Tensor,
+    target: Optional[Tensor] = None,
+    *,
+    alpha: float = 1.0,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    softcap: Optional[float] = None,
+    inplace_backward: bool = False,
+    return_parts: bool = False,
+    backend: str = "auto",
+) -> Union[Tensor, RDropParts]:
+    """:func:`rdrop_loss` of ``logits[:B]`` and ``logits[B:]``: both passes stacked on dim 0, as
+    one forward of the model on ``torch.cat([x, x])`` returns them.
+
+    The gradient of ``logits`` is one [2B, ..., V] buffer that the kernels write, half by half:
+    autograd assembles nothing. With ``inplace_backward=True`` it is ``logits``' own storage,
+    so the loss adds no [2B, ..., V] bytes at all.
+
+    Args:
+        logits: [2B, ..., V]: the first pass's logits first, then the second's. Views whose rows
+            share one stride take the fused path as they are; other layouts are copied first
+            (and refused with ``inplace_backward=True``).
+        target: [B, ...] labels of one pass, or None.
+        The keywords are :func:`rdrop_loss`'s; ``"batchmean"`` divides by B.
+
+    Returns:
+        What :func:`rdrop_loss` returns for the two halves.
+    """
+    check_stacked_args(logits, target, alpha=alpha, ignore_index=ignore_index,
+                       reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    return _fused(logits, None, target, alpha=alpha, ignore_index=ignore_index,
+                  reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend)
+
+
+def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_smoothing, softcap,
+           inplace_backward, return_parts, backend):
+    """rdrop_loss after the argument checks; logits2 None: logits1 holds both passes stacked."""
+    name1 = "logits1" if logits2 is not None else "logits"
+    backend = resolve_backend(backend, logits1, name1)
     if backend == "torch":
         return reference.rdrop_loss(
-            logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
+            *ops.halves(logits1, logits2), target, alpha=alpha, ignore_index=ignore_index,
             reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
             return_parts=return_parts)
 
-    batch_shape = logits1.shape[:-1]
-    z1 = _rows(logits1, "logits1", inplace_backward)
-    z2 = _rows(logits2, "logits2", inplace_backward)
-    if inplace_backward and (logits1 is logits2 or (not torch.compiler.is_compiling()
-                                                    and z1.numel() > 0
-                                                    and z1.data_ptr() == z2.data_ptr())):
+    batch_shape = ops.halves(logits1, logits2)[0].shape[:-1]
+    z1 = _rows(logits1, name1, inplace_backward)
+    z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
+    if inplace_backward and z2 is not None and (
+            logits1 is logits2 or (not torch.compiler.is_compiling() and z1.numel() > 0
+                                   and z1.data_ptr() == z2.data_ptr())):
         raise ValueError("logits2 must not be the same memory as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
     labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
-    # in place only when both logits take a gradient: a logits tensor without one is left alone
+    # in place only when the logits take a gradient: logits without one are left alone
     in_place = (inplace_backward and torch.is_grad_enabled() and logits1.requires_grad
-                and logits2.requires_grad)
+                and (logits2 is None or logits2.requires_grad))
 
     if in_place:
         weighted_rows, parts = ops.RDropInplaceFunction.apply(
@@ -104,12 +152,8 @@ def rdrop_loss(
     return loss
 
 
-class RDropLoss(nn.Module):
-    """Module form of :func:`rdrop_loss`; the keywords are fixed at construction.
-
-    ``forward(logits1 [..., V], logits2 [..., V], target [...] | None)`` returns what
-    :func:`rdrop_loss` returns with these keywords.
-    """
+class _Keywords(nn.Module):
+    """The keywords of rdrop_loss, fixed at construction, for the module forms."""
 
     def __init__(
         self,
@@ -133,19 +177,40 @@ class RDropLoss(nn.Module):
         self.return_parts = return_parts
         self.backend = backend
 
+    def keywords(self) -> dict:
+        return dict(alpha=self.alpha, ignore_index=self.ignore_index, reduction=self.reduction,
+                    label_smoothing=self.label_smoothing, softcap=self.softcap,
+                    inplace_backward=self.inplace_backward, return_parts=self.return_parts,
+                    backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{key}={value!r}" for key, value in self.keywords().items())
+
+
+class RDropLoss(_Keywords):
+    """Module form of :func:`rdrop_loss`; the keywords are fixed at construction.
+
+    ``forward(logits1 [..., V], logits2 [..., V], target [...] | None)`` returns what
+    :func:`rdrop_loss` returns with these keywords.
+    """
+
     def forward(
         self, logits1: Tensor, logits2: Tensor, target: Optional[Tensor] = None
     ) -> Union[Tensor, RDropParts]:
-        return rdrop_loss(
-            logits1, logits2, target, alpha=self.alpha, ignore_index=self.ignore_index,
-            reduction=self.reduction, label_smoothing=self.label_smoothing, softcap=self.softcap,
-            inplace_backward=self.inplace_backward, return_parts=self.return_parts,
-            backend=self.backend)
+        return rdrop_loss(logits1, logits2, target, **self.keywords())
 
-    def extra_repr(self) -> str:
-        return (f"alpha={self.alpha}, reduction={self.reduction!r}, "
-                f"label_smoothing={self.label_smoothing}, softcap={self.softcap}, "
-                f"backend={self.backend!r}")
+
+class StackedRDropLoss(_Keywords):
+    """Module form of :func:`stacked_rdrop_loss`; the keywords are fixed at construction.
+
+    ``forward(logits [2B, ..., V], target [B, ...] | None)`` returns what
+    :func:`stacked_rdrop_loss` returns with these keywords.
+    """
+
+    def forward(
+        self, logits: Tensor, target: Optional[Tensor] = None
+    ) -> Union[Tensor, RDropParts]:
+        return stacked_rdrop_loss(logits, target, **self.keywords())
 
 
 def default_backend(device: torch.device) -> str:
@@ -167,7 +232,7 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of rdrop_loss
 
 
-def resolve_backend(backend: str, logits: Tensor) -> str:
+def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     device = logits.device
@@ -177,7 +242,7 @@ def resolve_backend(backend: str, logits: Tensor) -> str:
         return backend
     if logits.dtype not in KERNEL_DTYPES:
         raise TypeError(
-            f"logits1 must be float32, bfloat16 or float16 for backend={backend!r}, got "
+            f"{name} must be float32, bfloat16 or float16 for backend={backend!r}, got "
             f"{logits.dtype} (backend='torch' computes in float64)")
     if backend == "triton":
         reason = ops.triton_unavailable_reason(device)

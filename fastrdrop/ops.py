@@ -197,36 +197,50 @@ SCALE_ROWS = {"triton": _triton_scale_rows, "native": _torch_scale_rows}
 # fails.
 
 
+def halves(logits1: Tensor, logits2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """The rows of both passes: (logits1, logits2), or, when logits2 is None, the two halves of
+    logits1 [2N, V], both passes stacked."""
+    if logits2 is not None:
+        return logits1, logits2
+    n_rows = logits1.shape[0] // 2
+    return logits1[:n_rows], logits1[n_rows:]
+
+
 @torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
 def rdrop_forward(
-    logits1: Tensor, logits2: Tensor, target: Optional[Tensor], ignore_index: int,
+    logits1: Tensor, logits2: Optional[Tensor], target: Optional[Tensor], ignore_index: int,
     label_smoothing: float, softcap: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V]."""
-    check_target_values(target, logits1.shape[1], ignore_index, backend)
-    parts, stats = _empty_rows(logits1)
-    if logits1.shape[0] > 0:
-        FORWARD[backend](logits1, logits2, target, None, parts, stats, ignore_index,
-                         label_smoothing, softcap, 0.0, False)
+    """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V] (logits2 None:
+    logits1 [2N, V] holds both)."""
+    z1, z2 = halves(logits1, logits2)
+    check_target_values(target, z1.shape[1], ignore_index, backend)
+    parts, stats = _empty_rows(z1)
+    if z1.shape[0] > 0:
+        FORWARD[backend](z1, z2, target, None, parts, stats, ignore_index, label_smoothing,
+                         softcap, 0.0, False)
     return parts, stats
 
 
 @rdrop_forward.register_fake
 def _(logits1, logits2, target, ignore_index, label_smoothing, softcap, backend):
-    return _empty_rows(logits1)
+    return _empty_rows(halves(logits1, logits2)[0])
 
 
 @torch.library.custom_op("fastrdrop::rdrop_forward_inplace", mutates_args=("logits1", "logits2"))
 def rdrop_forward_inplace(
-    logits1: Tensor, logits2: Tensor, target: Optional[Tensor], row_weight: Tensor, alpha: float,
-    ignore_index: int, label_smoothing: float, softcap: Optional[float], backend: str,
+    logits1: Tensor, logits2: Optional[Tensor], target: Optional[Tensor], row_weight: Tensor,
+    alpha: float, ignore_index: int, label_smoothing: float, softcap: Optional[float],
+    backend: str,
 ) -> Tensor:
     """Per-row parts [3, N]; overwrites the logits with the gradients of
-    sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r."""
-    check_target_values(target, logits1.shape[1], ignore_index, backend)
-    parts, stats = _empty_rows(logits1)
-    if logits1.shape[0] > 0:
-        FORWARD[backend](logits1, logits2, target, row_weight, parts, stats, ignore_index,
+    sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r. The stacked form (logits2 None) is one
+    mutated tensor, not two mutated views of it, which compiled graphs would have to track."""
+    z1, z2 = halves(logits1, logits2)
+    check_target_values(target, z1.shape[1], ignore_index, backend)
+    parts, stats = _empty_rows(z1)
+    if z1.shape[0] > 0:
+        FORWARD[backend](z1, z2, target, row_weight, parts, stats, ignore_index,
                          label_smoothing, softcap, alpha, True)
     return parts
 
@@ -234,7 +248,7 @@ def rdrop_forward_inplace(
 @rdrop_forward_inplace.register_fake
 def _(logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing, softcap,
       backend):
-    return _empty_rows(logits1)[0]
+    return _empty_rows(halves(logits1, logits2)[0])[0]
 
 
 @torch.library.custom_op("fastrdrop::rdrop_backward", mutates_args=())
@@ -243,8 +257,7 @@ def rdrop_backward(
     ignore_index: int, label_smoothing: float, softcap: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
     """dz1, dz2 [N, V] (contiguous, the logits' dtype) given the upstream gradients of the parts."""
-    dz1 = torch.empty(logits1.shape, dtype=logits1.dtype, device=logits1.device)
-    dz2 = torch.empty(logits2.shape, dtype=logits2.dtype, device=logits2.device)
+    dz1, dz2 = _empty_like_rows(logits1), _empty_like_rows(logits2)
     if logits1.shape[0] > 0:
         BACKWARD[backend](logits1, logits2, target, stats, grad_parts, dz1, dz2, ignore_index,
                           label_smoothing, softcap)
@@ -254,8 +267,30 @@ def rdrop_backward(
 @rdrop_backward.register_fake
 def _(logits1, logits2, target, stats, grad_parts, ignore_index, label_smoothing, softcap,
       backend):
-    return torch.empty_like(logits1, memory_format=torch.contiguous_format), torch.empty_like(
-        logits2, memory_format=torch.contiguous_format)
+    return _empty_like_rows(logits1), _empty_like_rows(logits2)
+
+
+@torch.library.custom_op("fastrdrop::stacked_rdrop_backward", mutates_args=())
+def stacked_rdrop_backward(
+    logits: Tensor, target: Optional[Tensor], stats: Tensor, grad_parts: Tensor,
+    ignore_index: int, label_smoothing: float, softcap: Optional[float], backend: str,
+) -> Tensor:
+    """The gradient [2N, V] of stacked logits [2N, V]: one buffer, each half written by the
+    kernel, so that nothing assembles it from two."""
+    grad = _empty_like_rows(logits)
+    if logits.shape[0] > 0:
+        BACKWARD[backend](*halves(logits, None), target, stats, grad_parts,
+                          *halves(grad, None), ignore_index, label_smoothing, softcap)
+    return grad
+
+
+@stacked_rdrop_backward.register_fake
+def _(logits, target, stats, grad_parts, ignore_index, label_smoothing, softcap, backend):
+    return _empty_like_rows(logits)
+
+
+def _empty_like_rows(logits: Tensor) -> Tensor:
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -271,7 +306,8 @@ def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RDropFunction(torch.autograd.Function):
-    """(z1 [N, V], z2 [N, V], target [N] | None, ...) -> parts [3, N] = (CE_1, CE_2, symKL)."""
+    """(z1 [N, V], z2 [N, V], target [N] | None, ...) -> parts [3, N] = (CE_1, CE_2, symKL).
+    z2 None: z1 [2N, V] holds both passes, and its gradient is one [2N, V] buffer."""
 
     @staticmethod
     def forward(ctx, logits1, logits2, target, ignore_index, label_smoothing, softcap, backend):
@@ -284,8 +320,12 @@ class RDropFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_parts):
         logits1, logits2, target, stats = ctx.saved_tensors
-        dz1, dz2 = rdrop_backward(logits1, logits2, target, stats,
-                                  grad_parts.float().contiguous(), *ctx.kernel_args)
+        grad_parts = grad_parts.float().contiguous()
+        if logits2 is None:
+            grad = stacked_rdrop_backward(logits1, target, stats, grad_parts, *ctx.kernel_args)
+            return grad, *[None] * 6
+        dz1, dz2 = rdrop_backward(logits1, logits2, target, stats, grad_parts,
+                                  *ctx.kernel_args)
         needs = ctx.needs_input_grad
         return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 5
 
@@ -305,8 +345,9 @@ def take_gradients_once(ctx):
 
 
 class RDropInplaceFunction(torch.autograd.Function):
-    """(z1, z2, target, row_weight [N], alpha, ...) -> (row_weight * (CE_1 + CE_2 + alpha symKL)
-    [N], parts [3, N] without gradient). The gradients go into the storage of z1 and z2."""
+    """(z1, z2 | None, target, row_weight [N], alpha, ...) -> (row_weight * (CE_1 + CE_2 + alpha
+    symKL) [N], parts [3, N] without gradient). The gradients go into the storage of z1 and z2
+    (z2 None: of z1 [2N, V], which holds both passes)."""
 
     @staticmethod
     def forward(ctx, logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
@@ -316,17 +357,19 @@ class RDropInplaceFunction(torch.autograd.Function):
         # The kernel wrote through raw pointers: make autograd see it, so that an op that saved
         # the logits for its own backward fails loudly instead of reading gradients.
         torch.autograd.graph.increment_version(logits1)
-        torch.autograd.graph.increment_version(logits2)
+        if logits2 is not None:
+            torch.autograd.graph.increment_version(logits2)
         # Kept as detached aliases, not saved tensors: the logits now hold the gradients, and
         # unpacking a saved view whose storage changed would fail for views made by chunk/split.
-        ctx.grads = (logits1.detach(), logits2.detach())
+        ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
         ctx.backend = backend
         ctx.mark_non_differentiable(parts)
         return row_weight * token_loss(parts, alpha), parts
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        dz1, dz2 = take_gradients_once(ctx)
+        grads = take_gradients_once(ctx)
+        dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
         if torch.compiler.is_compiling():
@@ -335,4 +378,4 @@ class RDropInplaceFunction(torch.autograd.Function):
             dz2.mul_(scale)
         elif dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
-        return dz1, dz2, *[None] * 7
+        return *grads, *[None] * 7

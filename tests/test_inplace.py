@@ -4,31 +4,13 @@ import functools
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from allocations import AllocationLog
 
 import fastrdrop
 
 from conftest import DEVICE, fused_backends
 from inputs import labels, logits_pair
 from oracle import assert_oracle_rule, loss_and_grads, oracle_loss
-
-
-class AllocationLog(TorchDispatchMode):
-    """Records the size in bytes of every new storage that an op returns."""
-
-    def __init__(self):
-        super().__init__()
-        self.sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0]
-                  if isinstance(t, torch.Tensor)}
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.sizes.append(t.untyped_storage().nbytes())
-        return out
 
 
 def forward_backward(backend, z1, z2, target, inplace, grad_output=None, **kwargs):
