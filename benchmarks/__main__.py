@@ -25,14 +25,14 @@ GPU_GRID = dict(tokens=[4096, 8192, 16384], vocab=[32000, 128256, 151936, 262144
                 dtypes=["bfloat16"], repeats=10)
 GPU_FP32 = dict(tokens=[4096], vocab=[32000, 128256, 151936, 262144], dtypes=["float32"])
 CPU_GRID = dict(tokens=[256], vocab=[32000, 131072], dtypes=["float32", "bfloat16"], repeats=5)
-LINEAR = ["matmul+eager", "matmul+fastrdrop", "fastrdrop-linear"]
-# Named subsets; cpu-native: the native CPU kernel's case, fwd+bwd at N=256, V=131072.
+LINEAR = [name for name, p in PROVIDERS.items() if p.inputs == "linear"]
+LOGITS = [name for name, p in PROVIDERS.items() if p.inputs != "linear"]
+# Named subsets; cpu-native: the native CPU kernel's cases, fwd+bwd at N=256.
 PRESETS = {
     # one GPU case first, so that a short GPU session has it: N=8192, V=128256, bf16
     "gpu-quick": dict(tokens=[8192], vocab=[128256], dtypes=["bfloat16"], repeats=10),
-    "cpu-native": dict(tokens=[256], vocab=[131072], dtypes=["float32", "bfloat16"],
-                       modes=["fwd+bwd"], repeats=7,
-                       providers=["eager", "compile", "fastrdrop", "fastrdrop-inplace"]),
+    "cpu-native": dict(tokens=[256], vocab=[32000, 131072], dtypes=["float32", "bfloat16"],
+                       modes=["fwd+bwd"], repeats=7, providers=LOGITS),
     # the fused linear variant against matmul + a loss, each in its own process on CPU
     "cpu-linear": dict(tokens=[4096], vocab=[32000], hidden=[1024], dtypes=["float32"],
                        modes=["fwd+bwd"], repeats=5, warmup=1, providers=LINEAR),
@@ -79,7 +79,7 @@ def case_groups(args, device):
             for provider in args.providers:
                 # without grad the in-place provider is the plain one: fwd+bwd only
                 modes = [m for m in args.modes if m != "fwd" or not PROVIDERS[provider].inplace]
-                for h in args.hidden if PROVIDERS[provider].linear else [0]:
+                for h in args.hidden if PROVIDERS[provider].inputs == "linear" else [0]:
                     if modes:
                         yield [Case(n, v, dtype, provider, mode, h) for mode in modes]
 

@@ -160,13 +160,15 @@ def api_calls():
     calls = []
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for vocab in vocab_sizes(dtype):
-            for layout in ("halves", "separate"):
+            for layout in ("halves", "separate", "stacked"):
                 for target in (False, True):
                     for smoothing in (0.0, 0.1) if target else (0.0,):
                         for softcap in (None, 30.0):
-                            for inplace in (False, True):
+                            # the loss alone (gradients in the forward pass), or with its parts
+                            # (gradients in the backward pass), or in place
+                            for parts, inplace in ((False, False), (True, False), (False, True)):
                                 kwargs = dict(label_smoothing=smoothing, softcap=softcap,
-                                              inplace_backward=inplace)
+                                              return_parts=parts, inplace_backward=inplace)
                                 calls.append((
                                     f"rdrop_loss {dtype} V={vocab} {layout} target={target} "
                                     f"{kwargs}",
@@ -178,8 +180,8 @@ def api_calls():
         rows = 2 ** 31 // (vocab * (torch.finfo(dtype).bits // 8)) + 1
         for target in (False, True):
             for softcap in (None, 30.0):
-                for inplace in (False, True):
-                    kwargs = dict(softcap=softcap, inplace_backward=inplace)
+                for parts, inplace in ((False, False), (True, False), (False, True)):
+                    kwargs = dict(softcap=softcap, return_parts=parts, inplace_backward=inplace)
                     calls.append((f"rdrop_loss {dtype} 2x[{rows}, {vocab}] target={target} "
                                   f"{kwargs}",
                                   functools.partial(_loss_call, dtype, vocab, "separate", target,
@@ -198,18 +200,24 @@ def api_calls():
 
 def _loss_call(dtype, vocab, layout, target, kwargs, rows=3):
     """Forward and backward of rdrop_loss on logits that are never read or written: the kernels
-    only record. "halves": both passes in one [2 rows, V] activation; "separate": two tensors."""
+    only record. "halves": both passes in one [2 rows, V] activation, split; "stacked": the same
+    to stacked_rdrop_loss; "separate": two tensors."""
     import fastrdrop
 
-    if layout == "halves":
+    labels = torch.zeros(rows, dtype=torch.long) if target else None
+    if layout == "separate":
+        z1, z2 = (torch.empty(rows, vocab, dtype=dtype, requires_grad=True) for _ in range(2))
+        loss, wrt = fastrdrop.rdrop_loss(z1, z2, labels, backend="triton", **kwargs), (z1, z2)
+    else:
         leaf = torch.empty(2 * rows, vocab, dtype=dtype, requires_grad=True)
         logits = leaf * 1
-        z1, z2, wrt = logits[:rows], logits[rows:], (leaf,)
-    else:
-        z1, z2 = (torch.empty(rows, vocab, dtype=dtype, requires_grad=True) for _ in range(2))
-        wrt = (z1, z2)
-    labels = torch.zeros(rows, dtype=torch.long) if target else None
-    loss = fastrdrop.rdrop_loss(z1, z2, labels, backend="triton", **kwargs)
+        loss = (fastrdrop.stacked_rdrop_loss(logits, labels, backend="triton", **kwargs)
+                if layout == "stacked" else
+                fastrdrop.rdrop_loss(logits[:rows], logits[rows:], labels, backend="triton",
+                                     **kwargs))
+        wrt = (leaf,)
+    if kwargs.get("return_parts"):
+        loss = loss.loss
     torch.autograd.grad(loss, wrt, torch.tensor(2.0))
 
 

@@ -29,7 +29,7 @@ class Case:
     dtype: str  # "bfloat16" | "float32" | "float16"
     provider: str
     mode: str  # "fwd" | "fwd+bwd"
-    hidden_size: int = 0  # 0: the provider takes two logits; H: two hidden states and [V, H]
+    hidden_size: int = 0  # 0: the provider takes logits; H: two hidden states and [V, H]
 
     def min_bytes(self) -> int:
         # I/O floor: read each input once (fwd); also write each input's gradient once (fwd+bwd).
@@ -46,8 +46,9 @@ def synchronize(device):
 
 
 def make_inputs(case, device, seed=0):
-    """(inputs, target): two dropout-like passes of logits, or of hidden states with an output
-    embedding; labels with none ignored, so that every provider agrees."""
+    """(inputs, target) of the case's provider: two dropout-like passes of logits, stacked in
+    one tensor or apart, or of hidden states with an output embedding; labels with none
+    ignored, so that every provider agrees."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
     n, v, h = case.n_tokens, case.vocab_size, case.hidden_size
     if h:
@@ -58,7 +59,7 @@ def make_inputs(case, device, seed=0):
     else:
         z1 = torch.randn((n, v), generator=gen).mul_(3.0)
         z2 = torch.randn((n, v), generator=gen).mul_(0.5).add_(z1)
-        inputs = (z1, z2)
+        inputs = (z1, z2) if PROVIDERS[case.provider].inputs == "pair" else (torch.cat([z1, z2]),)
     target = torch.randint(0, v, (n,), generator=gen)
     dtype = getattr(torch, case.dtype)
     return tuple(t.to(device, dtype) for t in inputs), target.to(device)
@@ -159,30 +160,44 @@ def quantiles(samples):
     return statistics.median(samples), q[1], q[7]  # median, 20%, 80%
 
 
-def _reference(case):
-    """The eager reference for the case's inputs: (logits1, logits2) or (hidden1, hidden2, W)."""
-    if not case.hidden_size:
+def _reference(kind):
+    """The eager reference for a provider's inputs (see benchmarks.providers)."""
+    if kind == "stacked":
+        return lambda logits, target: fastrdrop.reference.rdrop_loss(*logits.chunk(2), target)
+    if kind == "pair":
         return fastrdrop.reference.rdrop_loss
     return lambda h1, h2, weight, target: fastrdrop.reference.rdrop_loss(
         h1 @ weight.t(), h2 @ weight.t(), target)
 
 
+def _first_rows(kind, inputs, target, k):
+    """The inputs and target of the first k tokens (rows are independent)."""
+    k = min(k, len(target))
+    if kind == "stacked":
+        (logits,) = inputs
+        n = logits.shape[0] // 2
+        return (torch.cat([logits[:k], logits[n:n + k]]),), target[:k]
+    if kind == "pair":
+        return tuple(t[:k] for t in inputs), target[:k]
+    h1, h2, weight = inputs
+    return (h1[:k], h2[:k], weight), target[:k]
+
+
 def check_against_eager(fn, case, provider, inputs, target):
     """Before it is timed, the provider must give the reference's loss and, for fwd+bwd, its
     gradients (except a provider known to drop part of the gradient, which says so)."""
+    reference = _reference(provider.inputs)
     with torch.no_grad():
         got = fn(*(t.clone() for t in inputs), target).float()
-        want = _reference(case)(*inputs, target).float()
+        want = reference(*inputs, target).float()
     if not torch.allclose(got, want, rtol=2e-3, atol=1e-3):
         raise AssertionError(f"{case.provider} loss {got.item()} != reference {want.item()}")
     if case.mode == "fwd+bwd" and provider.full_gradient:
-        # on the first rows only (the weight of the linear providers whole): rows are
-        # independent, and the check stays cheap next to the timing
-        rows = slice(0, 16)
-        few = tuple(t[rows] if i < 2 else t for i, t in enumerate(inputs))
-        got = call_once(fn, case, fresh_inputs(case, provider, few), target[rows])
-        want = call_once(_reference(case), case, tuple(t.detach().clone() for t in few),
-                         target[rows])
+        # on the first tokens only (the weight of the linear providers whole): the check stays
+        # cheap next to the timing
+        few, few_target = _first_rows(provider.inputs, inputs, target, 16)
+        got = call_once(fn, case, fresh_inputs(case, provider, few), few_target)
+        want = call_once(reference, case, tuple(t.detach().clone() for t in few), few_target)
         for g, w in zip(got, want, strict=True):
             scale = w.abs().max().item()
             if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-2 * scale):

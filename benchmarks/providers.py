@@ -1,6 +1,10 @@
 """The implementations being compared, each a function -> loss with the semantics of
-fastrdrop.rdrop_loss at alpha=ALPHA, mean over tokens: (logits1, logits2, target) for the loss
-providers, (hidden1, hidden2, weight, target) for the linear ones."""
+fastrdrop.rdrop_loss at alpha=ALPHA, mean over tokens. What they take (Provider.inputs):
+
+- "stacked", the case users run: (logits [2N, V], target [N]), both passes of one forward on
+  [x; x]; the gradient is that of the one logits tensor;
+- "pair", the kernel alone: (logits1, logits2, target), two separate tensors;
+- "linear": (hidden1, hidden2, weight, target), the output embedding's matmul included."""
 
 import functools
 from dataclasses import dataclass
@@ -19,10 +23,18 @@ ALPHA = 1.0
 class Provider:
     name: str
     make: Callable[[], Callable]  # builds the loss function (compiles, imports) once
+    inputs: str = "stacked"  # "stacked" | "pair" | "linear", see above
     inplace: bool = False  # overwrites the logits: the timer hands it fresh copies
-    linear: bool = False  # takes hidden states and the output embedding instead of logits
     full_gradient: bool = True  # False: known to drop part of the gradient (said in the README)
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
+
+
+def _on_halves(loss):
+    """loss(logits1, logits2, target) on the halves of stacked logits, as users split them."""
+    def fn(logits, target):
+        return loss(*logits.chunk(2), target)
+
+    return fn
 
 
 def _eager():
@@ -30,11 +42,15 @@ def _eager():
 
 
 def _compiled():
-    return torch.compile(functools.partial(reference.rdrop_loss, alpha=ALPHA), dynamic=False)
+    return torch.compile(_on_halves(_eager()), dynamic=False)
 
 
-def _fastrdrop(inplace):
-    return functools.partial(fastrdrop.rdrop_loss, alpha=ALPHA, inplace_backward=inplace)
+def _fastrdrop():
+    return functools.partial(fastrdrop.rdrop_loss, alpha=ALPHA)
+
+
+def _stacked(inplace):
+    return functools.partial(fastrdrop.stacked_rdrop_loss, alpha=ALPHA, inplace_backward=inplace)
 
 
 def _matmul_then(loss):
@@ -64,7 +80,7 @@ def _liger():
         sym_kl = 0.5 * (kl_div(logp2, logp1) + kl_div(logp1, logp2)) / n_tokens
         return cross_entropy(logits1, target) + cross_entropy(logits2, target) + ALPHA * sym_kl
 
-    return loss
+    return _on_halves(loss)
 
 
 def _liger_unavailable(device):
@@ -86,16 +102,21 @@ def _fastrdrop_unavailable(device):
 PROVIDERS = {
     p.name: p
     for p in [
-        Provider("eager", _eager),
+        Provider("eager", lambda: _on_halves(_eager())),
         Provider("compile", _compiled),
         Provider("liger", _liger, unavailable=_liger_unavailable, full_gradient=False),
-        Provider("fastrdrop", functools.partial(_fastrdrop, False),
+        Provider("fastrdrop", lambda: _on_halves(_fastrdrop()),
                  unavailable=_fastrdrop_unavailable),
-        Provider("fastrdrop-inplace", functools.partial(_fastrdrop, True), inplace=True,
+        Provider("fastrdrop-stacked", functools.partial(_stacked, False),
                  unavailable=_fastrdrop_unavailable),
-        Provider("matmul+eager", lambda: _matmul_then(_eager()), linear=True),
-        Provider("matmul+fastrdrop", lambda: _matmul_then(_fastrdrop(False)), linear=True,
+        Provider("fastrdrop-stacked-inplace", functools.partial(_stacked, True), inplace=True,
                  unavailable=_fastrdrop_unavailable),
-        Provider("fastrdrop-linear", _linear, linear=True, unavailable=_fastrdrop_unavailable),
+        Provider("fastrdrop-pair", _fastrdrop, inputs="pair",
+                 unavailable=_fastrdrop_unavailable),
+        Provider("matmul+eager", lambda: _matmul_then(_eager()), inputs="linear"),
+        Provider("matmul+fastrdrop", lambda: _matmul_then(_fastrdrop()), inputs="linear",
+                 unavailable=_fastrdrop_unavailable),
+        Provider("fastrdrop-linear", _linear, inputs="linear",
+                 unavailable=_fastrdrop_unavailable),
     ]
 }

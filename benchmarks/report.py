@@ -6,8 +6,10 @@ STYLES = {  # provider -> (color, marker, linestyle): distinct in color and in s
     "eager": ("#7f7f7f", "o", "--"),
     "compile": ("#1f77b4", "s", "--"),
     "liger": ("#ff7f0e", "^", "-."),
-    "fastrdrop": ("#2ca02c", "D", "-"),
-    "fastrdrop-inplace": ("#d62728", "v", "-"),
+    "fastrdrop": ("#bcbd22", "D", "-."),
+    "fastrdrop-stacked": ("#2ca02c", "D", "-"),
+    "fastrdrop-stacked-inplace": ("#d62728", "v", "-"),
+    "fastrdrop-pair": ("#8c564b", "X", ":"),
     "matmul+eager": ("#7f7f7f", "o", ":"),
     "matmul+fastrdrop": ("#9467bd", "P", "-."),
     "fastrdrop-linear": ("#17becf", "*", "-"),
@@ -84,22 +86,38 @@ def goals(result):
 
     for (n, v, h, dtype, provider), r in sorted(by.items()):
         label = f"N={n} V={v}" + (f" H={h}" if h else "") + f" {dtype}"
-        other = {p: by.get((n, v, h, dtype, p)) for p in PROVIDER_NAMES}
-        if provider == "fastrdrop" and not (on_gpu and (dtype != "bfloat16" or v < 128000)):
+        other = {p: by.get((n, v, h, dtype, p)) for p in STYLES}
+        judged = not on_gpu or (dtype == "bfloat16" and v >= 128000)
+        if provider == "fastrdrop-stacked" and judged:
             speed = [("eager", 6 if on_gpu else 20), ("compile", 2 if on_gpu else 4)]
             speed += [("liger", 2)] if on_gpu else []
             for name, goal in speed:
-                if other[name] and (on_gpu or name == "eager" or dtype == "float32"):
+                if other[name]:
                     ratio = other[name]["median_ms"] / r["median_ms"]
                     check(label, f"{ratio:.1f}x faster than {name}", round(ratio, 1), goal, True)
             if on_gpu:
                 share = r["fraction_of_copy"]  # = floor time / time
                 check(label, f"{1 / share:.2f}x the bandwidth floor", round(1 / share, 2), 1.3,
                       False)
-            else:
-                limit = r["input_mib"] * 1.05  # gradients (as large as the inputs) + 5% of inputs
-                check(label, f"peak extra memory {r['peak_extra_mib']:.0f} MiB, limit: gradients "
-                      "+ 5% of inputs, MiB", round(r["peak_extra_mib"]), round(limit), False)
+            limit = r["input_mib"] * 1.05  # one gradient (as large as the input) + 5% of it
+            check(label, f"peak extra memory {r['peak_extra_mib']:.0f} MiB, limit: the gradient "
+                  "+ 5% of the input, MiB", round(r["peak_extra_mib"]), round(limit), False)
+            halves = other["fastrdrop"]
+            if halves:
+                ratio = r["median_ms"] / halves["median_ms"]
+                check(label, f"time {ratio:.2f}x fastrdrop on the halves", round(ratio, 2), 0.6,
+                      False)
+                share = r["peak_extra_mib"] / halves["peak_extra_mib"]
+                check(label, f"peak memory {100 * share:.0f}% of fastrdrop on the halves "
+                      "(one gradient against two)", round(share, 2), 0.55, False)
+        if provider == "fastrdrop-stacked-inplace" and judged:
+            if not on_gpu:
+                share = r["fraction_of_copy"]
+                check(label, f"in place at {100 * share:.0f}% of a copy's bandwidth",
+                      round(share, 2), 0.6, True)
+            limit = 0.01 * r["input_mib"]  # O(N): a few numbers per row
+            check(label, f"in-place peak extra memory {r['peak_extra_mib']:.1f} MiB, limit: 1% "
+                  "of the input, MiB", round(r["peak_extra_mib"], 1), round(limit, 1), False)
         if provider == "fastrdrop-linear":
             eager, unfused = other["matmul+eager"], other["matmul+fastrdrop"]
             if eager:
@@ -115,10 +133,6 @@ def goals(result):
                 check(label, f"time {ratio:.2f}x matmul+fastrdrop", round(ratio, 2),
                       1.15 if on_gpu else 1.2, False)
     return "\n".join(lines) + "\n"
-
-
-PROVIDER_NAMES = ["eager", "compile", "liger", "fastrdrop", "fastrdrop-inplace", "matmul+eager",
-                  "matmul+fastrdrop", "fastrdrop-linear"]
 
 
 def _key(row):

@@ -21,7 +21,7 @@ def test_rdrop(benchmark, name, mode, size):
     reason = provider.unavailable(DEVICE)
     if reason is not None:
         pytest.skip(reason)
-    case = Case(*size, name, mode, HIDDEN if provider.linear else 0)
+    case = Case(*size, name, mode, HIDDEN if provider.inputs == "linear" else 0)
     fn = provider.make()
     inputs, target = make_inputs(case, DEVICE)
 

@@ -15,11 +15,13 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+ABI_VERSION = 2  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
-    # then forward: row_weight, alpha, parts, stats; backward: stats, grad_parts, dz1, dz2
+    # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;
+    # backward: stats, grad_parts, dz1, dz2; then the number of threads
     "fastrdrop_cpu_forward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
-                              _float, _ptr, _float, _ptr, _ptr, _int],
+                              _float, _ptr, _float, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int],
     "fastrdrop_cpu_backward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
                                _float, _ptr, _ptr, _ptr, _ptr, _int],
 }
@@ -56,6 +58,10 @@ def _load():
                 lib = ctypes.CDLL(str(path))
             except OSError as error:
                 return None, f"{path} could not be loaded: {error}"
+            version = getattr(lib, "fastrdrop_cpu_abi_version", lambda: 1)()
+            if version != ABI_VERSION:
+                return None, (f"{path} is a stale build (ABI {version}, this fastrdrop needs "
+                              f"{ABI_VERSION}): reinstall fastrdrop to rebuild it")
             for name, argtypes in _SIGNATURES.items():
                 getattr(lib, name).argtypes = argtypes
                 getattr(lib, name).restype = _int
@@ -82,14 +88,19 @@ def _labels(target):
 
 
 def forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing, softcap,
-            alpha, inplace):
+            alpha, grads):
     lib = _load()[0]
     target = _labels(target)
-    row_weight = row_weight.to(torch.float32).contiguous() if inplace else None
+    if grads is None:
+        row_weight, (dz1, dz2) = None, (None, None)
+    else:
+        row_weight, (dz1, dz2) = row_weight.to(torch.float32).contiguous(), grads
     status = lib.fastrdrop_cpu_forward(
         *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap),
-        None if row_weight is None else row_weight.data_ptr(), alpha, parts.data_ptr(),
-        stats.data_ptr(), torch.get_num_threads())
+        None if row_weight is None else row_weight.data_ptr(), alpha,
+        *(None if dz is None else dz.data_ptr() for dz in (dz1, dz2)),
+        *(0 if dz is None else dz.stride(0) for dz in (dz1, dz2)),
+        parts.data_ptr(), stats.data_ptr(), torch.get_num_threads())
     assert status == 0, f"fastrdrop_cpu_forward failed with status {status}"
 
 

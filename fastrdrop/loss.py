@@ -134,13 +134,21 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
-    # in place only when the logits take a gradient: logits without one are left alone
-    in_place = (inplace_backward and torch.is_grad_enabled() and logits1.requires_grad
-                and (logits2 is None or logits2.requires_grad))
+    # The forward pass also makes the gradients when the logits take one (those without are
+    # never written) and they go into the logits (in place), or else for the loss alone of fp32
+    # logits: its gradient is then that of sum_r w_r loss_r up to the upstream scale, applied in
+    # the backward pass. (16-bit gradients would be rounded twice where that scale is not 1, so
+    # they are computed in the backward pass, where it is known. Compiled graphs, too, take that
+    # path, whose buffers autograd's tracing sees.)
+    wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
+                  and (logits2 is None or logits2.requires_grad))
+    grads_first = wants_grad and (inplace_backward or (
+        logits1.dtype == torch.float32 and not return_parts
+        and not torch.compiler.is_compiling()))
 
-    if in_place:
-        weighted_rows, parts = ops.RDropInplaceFunction.apply(
-            z1, z2, labels, weights, float(alpha), *kernel_args)
+    if grads_first:
+        weighted_rows, parts = ops.RDropLossFunction.apply(
+            z1, z2, labels, weights, float(alpha), *kernel_args, inplace_backward)
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()
     else:
         parts = ops.RDropFunction.apply(z1, z2, labels, *kernel_args)

@@ -134,18 +134,19 @@ def _labels(target: Optional[Tensor], like: Tensor) -> tuple[Tensor, int]:
 
 
 def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
-                    softcap, alpha, inplace):
+                    softcap, alpha, grads):
     n_rows, vocab_size = z1.shape
     labels, has_target = _labels(target, z1)
+    dz1, dz2 = (z1, z2) if grads is None else grads  # never written without grads
     with _device_guard(z1.device):
         triton_kernels._rdrop_fwd_kernel[(n_rows,)](
             z1, z2, labels, parts if row_weight is None else row_weight,
-            parts, stats,
+            parts, stats, dz1, dz2,
             n_rows, vocab_size,
-            z1.stride(0), z2.stride(0),
+            z1.stride(0), z2.stride(0), dz1.stride(0), dz2.stride(0),
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0, alpha,
-            int(inplace),
-            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2),
+            int(grads is not None),
+            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2, dz1, dz2),
             **_launch_options("forward", z1, softcap),
         )
 
@@ -206,6 +207,20 @@ def halves(logits1: Tensor, logits2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return logits1[:n_rows], logits1[n_rows:]
 
 
+def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
+                 softcap, backend, grads=None):
+    """Per-row parts [3, N] and stats [5, N] of logits [N, V] (logits2 None: logits1 [2N, V]
+    holds both passes); with ``grads`` (two tensors, or one for stacked logits), also the
+    gradients of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r written into them."""
+    z1, z2 = halves(logits1, logits2)
+    check_target_values(target, z1.shape[1], ignore_index, backend)
+    parts, stats = _empty_rows(z1)
+    if z1.shape[0] > 0:
+        FORWARD[backend](z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
+                         softcap, alpha, None if grads is None else halves(*grads))
+    return parts, stats
+
+
 @torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
 def rdrop_forward(
     logits1: Tensor, logits2: Optional[Tensor], target: Optional[Tensor], ignore_index: int,
@@ -213,13 +228,8 @@ def rdrop_forward(
 ) -> tuple[Tensor, Tensor]:
     """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V] (logits2 None:
     logits1 [2N, V] holds both)."""
-    z1, z2 = halves(logits1, logits2)
-    check_target_values(target, z1.shape[1], ignore_index, backend)
-    parts, stats = _empty_rows(z1)
-    if z1.shape[0] > 0:
-        FORWARD[backend](z1, z2, target, None, parts, stats, ignore_index, label_smoothing,
-                         softcap, 0.0, False)
-    return parts, stats
+    return forward_rows(logits1, logits2, target, None, 0.0, ignore_index, label_smoothing,
+                        softcap, backend)
 
 
 @rdrop_forward.register_fake
@@ -236,13 +246,8 @@ def rdrop_forward_inplace(
     """Per-row parts [3, N]; overwrites the logits with the gradients of
     sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r. The stacked form (logits2 None) is one
     mutated tensor, not two mutated views of it, which compiled graphs would have to track."""
-    z1, z2 = halves(logits1, logits2)
-    check_target_values(target, z1.shape[1], ignore_index, backend)
-    parts, stats = _empty_rows(z1)
-    if z1.shape[0] > 0:
-        FORWARD[backend](z1, z2, target, row_weight, parts, stats, ignore_index,
-                         label_smoothing, softcap, alpha, True)
-    return parts
+    return forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index,
+                        label_smoothing, softcap, backend, grads=(logits1, logits2))[0]
 
 
 @rdrop_forward_inplace.register_fake
@@ -344,30 +349,46 @@ def take_gradients_once(ctx):
     return grads
 
 
-class RDropInplaceFunction(torch.autograd.Function):
-    """(z1, z2 | None, target, row_weight [N], alpha, ...) -> (row_weight * (CE_1 + CE_2 + alpha
-    symKL) [N], parts [3, N] without gradient). The gradients go into the storage of z1 and z2
-    (z2 None: of z1 [2N, V], which holds both passes)."""
+class RDropLossFunction(torch.autograd.Function):
+    """(z1, z2 | None, target, row_weight [N], alpha, ..., inplace) -> (row_weight * (CE_1 + CE_2
+    + alpha symKL) [N], parts [3, N] without gradient); z2 None: z1 [2N, V] holds both passes.
+
+    For the loss alone, the forward pass also computes the gradients, in a second pass over each
+    row while it is in cache: into the logits' own storage (inplace), or into new buffers. The
+    backward pass then reads no logits; it only scales the gradients by the upstream gradient
+    where that is not 1. New buffers serve a second backward (retain_graph=True) too: it
+    computes them again from the saved logits, as the default mode does."""
 
     @staticmethod
     def forward(ctx, logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
-                softcap, backend):
-        parts = rdrop_forward_inplace(logits1, logits2, target, row_weight, alpha, ignore_index,
-                                      label_smoothing, softcap, backend)
-        # The kernel wrote through raw pointers: make autograd see it, so that an op that saved
-        # the logits for its own backward fails loudly instead of reading gradients.
-        torch.autograd.graph.increment_version(logits1)
-        if logits2 is not None:
-            torch.autograd.graph.increment_version(logits2)
-        # Kept as detached aliases, not saved tensors: the logits now hold the gradients, and
-        # unpacking a saved view whose storage changed would fail for views made by chunk/split.
-        ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
+                softcap, backend, inplace):
+        kernel_args = (ignore_index, label_smoothing, softcap, backend)
+        if inplace:
+            parts = rdrop_forward_inplace(logits1, logits2, target, row_weight, alpha,
+                                          *kernel_args)
+            # The kernel wrote through raw pointers: make autograd see it, so that an op that
+            # saved the logits for its own backward fails loudly instead of reading gradients.
+            torch.autograd.graph.increment_version(logits1)
+            if logits2 is not None:
+                torch.autograd.graph.increment_version(logits2)
+            # Detached aliases, not saved tensors: the logits now hold the gradients, and
+            # unpacking a saved view whose storage changed would fail for views made by chunk.
+            ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
+        else:
+            ctx.grads = (_empty_like_rows(logits1),
+                         None if logits2 is None else _empty_like_rows(logits2))
+            parts, stats = forward_rows(logits1, logits2, target, row_weight, alpha,
+                                        *kernel_args, grads=ctx.grads)
+            ctx.save_for_backward(logits1, logits2, target, stats, row_weight)
+            ctx.recompute = (alpha, kernel_args)
         ctx.backend = backend
         ctx.mark_non_differentiable(parts)
         return row_weight * token_loss(parts, alpha), parts
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
+        if ctx.grads is None and hasattr(ctx, "recompute"):
+            return (*_recomputed_gradients(ctx, grad_rows), *[None] * 8)
         grads = take_gradients_once(ctx)
         dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
@@ -378,4 +399,16 @@ class RDropInplaceFunction(torch.autograd.Function):
             dz2.mul_(scale)
         elif dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
-        return *grads, *[None] * 7
+        return *grads, *[None] * 8
+
+
+def _recomputed_gradients(ctx, grad_rows):
+    """A second backward of RDropLossFunction's new buffers: the gradients of the logits again,
+    from the saved logits and stats."""
+    logits1, logits2, target, stats, row_weight = ctx.saved_tensors
+    alpha, kernel_args = ctx.recompute
+    grad_token = (grad_rows * row_weight).float()
+    grad_parts = torch.stack([grad_token, grad_token, alpha * grad_token])
+    if logits2 is None:
+        return stacked_rdrop_backward(logits1, target, stats, grad_parts, *kernel_args), None
+    return rdrop_backward(logits1, logits2, target, stats, grad_parts, *kernel_args)

@@ -217,22 +217,27 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
 def _rdrop_fwd_kernel(
     z1_ptr, z2_ptr, target_ptr, row_weight_ptr,       # inputs
     parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [5, n_rows] fp32
+    dz1_ptr, dz2_ptr,                                  # outputs [n_rows, V] when write_grads
     n_rows, V,                                         # shapes
     z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
+    dz1_row_stride, dz2_row_stride,
     has_target, ignore_index, eps, softcap, alpha,     # loss parameters (target_ptr: int64)
-    inplace,                                           # 1: also write the gradients (see below)
+    write_grads,                                       # 1: also write the gradients (see below)
     SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row. inplace: also write into z1, z2 the gradients of
-    row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over the row, while the row is
-    likely still in L2. A value, not a specialisation: both modes share one binary, whose
-    registers are those of the in-place mode (the passes are sequential)."""
+    """One program per row. write_grads: also write into dz1, dz2 (which may be z1, z2: in
+    place) the gradients of row_weight * (CE_1 + CE_2 + alpha * symKL), in a second pass over
+    the row, while the row is likely still in L2. A value, not a specialisation: both modes
+    share one binary, whose registers are those of the gradient pass (the passes are
+    sequential)."""
     # int64: row * stride and k * n_rows + row overflow int32 past 2^31 elements
     row = tl.program_id(0).to(tl.int64)
     n_rows = n_rows.to(tl.int64)
     V = _row_length(V, z1_ptr, ALIGNED)
     z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
     z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
+    dz1_row_ptr = _row(dz1_ptr, row, dz1_row_stride, ALIGNED)
+    dz2_row_ptr = _row(dz2_ptr, row, dz2_row_stride, ALIGNED)
 
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
@@ -241,8 +246,8 @@ def _rdrop_fwd_kernel(
             tl.store(parts_ptr + k * n_rows + row, 0.0)
         for k in range(5):
             tl.store(stats_ptr + k * n_rows + row, 0.0)
-        if inplace != 0:
-            _fill_zeros(z1_row_ptr, z2_row_ptr, V, BLOCK)
+        if write_grads != 0:
+            _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
         return
 
     ce1, ce2, kl, lse1, lse2, ep, eq, n_present = _row_stats(
@@ -256,9 +261,9 @@ def _rdrop_fwd_kernel(
     tl.store(stats_ptr + 3 * n_rows + row, eq)
     tl.store(stats_ptr + 4 * n_rows + row, n_present)
 
-    if inplace != 0:
+    if write_grads != 0:
         w = tl.load(row_weight_ptr + row)  # c_ce1 = c_ce2 = w (unused without target), c_kl = a w
-        _row_grads(z1_row_ptr, z2_row_ptr, z1_row_ptr, z2_row_ptr, y, has_target, V,
+        _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
                    lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap, SOFTCAP, BLOCK)
 
 

@@ -91,25 +91,36 @@ def test_inplace_bumps_the_version_counter(backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-def test_default_mode_saves_no_nv_temporary(backend):
-    # Autograd keeps the inputs themselves and O(N) statistics, nothing else of size N x V.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("return_parts", [False, True])
+def test_default_mode_keeps_inputs_stats_and_gradients(backend, dtype, return_parts):
+    # Autograd keeps the inputs themselves and O(N) statistics. For the loss alone of fp32 logits
+    # the forward pass also writes the two gradients, and the backward pass allocates nothing of
+    # size N x V; otherwise (the parts carry gradient; 16-bit gradients are rounded once, where
+    # the upstream gradient is known) the backward pass computes them.
     n_rows, vocab_size = 6, 1000
-    h1, h2 = (z.requires_grad_() for z in logits_pair((n_rows, vocab_size), torch.bfloat16))
+    h1, h2 = (z.requires_grad_() for z in logits_pair((n_rows, vocab_size), dtype))
     logits = torch.cat([h1, h2]) * 1
     z1, z2 = logits[:n_rows], logits[n_rows:]
+    one_gradient = n_rows * vocab_size * z1.element_size()
     saved = []
 
     def pack(t):
         saved.append((t.numel(), t.data_ptr()))
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), AllocationLog() as fwd:
         loss = fastrdrop.rdrop_loss(z1, z2, labels((n_rows,), vocab_size), backend=backend,
-                                    label_smoothing=0.1, softcap=30.0)
+                                    label_smoothing=0.1, softcap=30.0, return_parts=return_parts)
     large = [ptr for numel, ptr in saved if numel >= n_rows * vocab_size]
     assert sorted(large) == sorted([z1.data_ptr(), z2.data_ptr()])
     assert all(numel <= 5 * n_rows for numel, ptr in saved if ptr not in large)
-    loss.backward()
+    with AllocationLog() as bwd:
+        torch.autograd.grad(loss[0] if return_parts else loss, (z1, z2))
+    made = [sorted(size for size in log.sizes if size >= one_gradient) for log in (fwd, bwd)]
+    gradients = [one_gradient, one_gradient]
+    in_forward = dtype == torch.float32 and not return_parts
+    assert made == ([gradients, []] if in_forward else [[], gradients])
 
 
 @pytest.mark.parametrize("backend", fused_backends())
@@ -133,3 +144,25 @@ def test_second_backward_is_refused(backend):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="already used"):
         loss.backward()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("stacked", [False, True])
+def test_default_mode_serves_a_second_backward(backend, stacked):
+    # The loss alone gets its gradients from the forward pass, once; a second backward
+    # (retain_graph=True) recomputes them from the saved logits, as the default mode always did.
+    base = torch.cat(logits_pair((3, 200), torch.float32)).requires_grad_()
+    target = labels((3,), 200)
+    logits = base * 1
+    loss = (fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, reduction="none")
+            if stacked else
+            fastrdrop.rdrop_loss(logits[:3], logits[3:], target, backend=backend,
+                                 reduction="none"))
+    g1, g2 = torch.rand(3) + 0.5, torch.rand(3) + 0.5
+    (first,) = torch.autograd.grad(loss, base, g1.to(loss.device), retain_graph=True)
+    (second,) = torch.autograd.grad(loss, base, g2.to(loss.device))
+    for grad, g in ((first, g1), (second, g2)):
+        leaf = base.detach().clone().requires_grad_()
+        want = fastrdrop.reference.rdrop_loss(leaf[:3], leaf[3:], target, reduction="none")
+        (want,) = torch.autograd.grad(want, leaf, g.to(want.device))
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)

@@ -35,18 +35,19 @@ def gradients(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def with_lora(model):
+def with_lora(model, head=False):
     peft = pytest.importorskip("peft")
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                             lora_dropout=0.1)
+    modules = ["q_proj", "v_proj"] + (["lm_head"] if head else [])
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.1)
     return peft.get_peft_model(model, config)
 
 
-@pytest.mark.parametrize("variant", ["untied", "tied", "lora"])
+# lora-head: an adapter on lm_head, so the logits of both passes go to stacked_rdrop_loss
+@pytest.mark.parametrize("variant", ["untied", "tied", "lora", "lora-head"])
 def test_matches_logits_then_reference(variant):
     model = tiny_llama(tied=variant == "tied")
-    if variant == "lora":
-        model = with_lora(model)
+    if variant.startswith("lora"):
+        model = with_lora(model, head=variant == "lora-head")
     input_ids, attention_mask, labels = batch()
 
     torch.manual_seed(1)  # the same dropout masks on both paths
@@ -68,8 +69,9 @@ def test_matches_logits_then_reference(variant):
     for got, want in zip(parts, expected, strict=True):
         torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
     assert fused.keys() == reference.keys() and fused
-    if variant == "lora":
-        assert not any("lm_head" in name for name in fused)  # the head stays frozen
+    if variant.startswith("lora"):  # the head's own weight stays frozen; its adapter learns
+        heads = {name for name in fused if "lm_head" in name}
+        assert all("lora" in name for name in heads) and bool(heads) == (variant == "lora-head")
     for name in fused:
         torch.testing.assert_close(fused[name], reference[name], rtol=1e-4, atol=1e-6,
                                    msg=f"gradient of {name}")

@@ -1,6 +1,8 @@
-"""R-Drop for Hugging Face Transformers causal LMs (and PEFT-wrapped ones), with the fused linear
-loss: the model body runs once on the duplicated batch [x; x], and the logits of neither pass
-are ever materialised whole.
+"""R-Drop for Hugging Face Transformers causal LMs (and PEFT-wrapped ones): the model body runs
+once on the duplicated batch [x; x]. With a plain linear output embedding the fused linear loss
+takes its hidden states, and the logits of neither pass are ever materialised whole; any other
+head (an adapter on lm_head, say) gives the logits of both passes, stacked, to
+stacked_rdrop_loss, which writes their gradient into one buffer.
 
 Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
 """
@@ -8,11 +10,13 @@ Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer
 
 from .._common import RDropParts
 from ..linear import linear_rdrop_loss
+from ..loss import stacked_rdrop_loss
 
 __all__ = ["RDropTrainer", "rdrop_causal_lm_loss"]
 
@@ -35,9 +39,10 @@ def rdrop_causal_lm_loss(
     Call it with the model in training mode: dropout makes the two passes differ.
 
     Args:
-        model: a ``*ForCausalLM`` model, or a PEFT model wrapping one (e.g. LoRA with a frozen
-            head). Its output embedding may be tied to the input one; the config's
-            ``final_logit_softcapping`` (Gemma 2) is applied when set.
+        model: a ``*ForCausalLM`` model, or a PEFT model wrapping one. Its output embedding
+            may be tied to the input one; the config's ``final_logit_softcapping`` (Gemma 2) is
+            applied when set. A head that is not a plain ``nn.Linear`` (LoRA on ``lm_head``)
+            runs as the model runs it, and its logits go to :func:`stacked_rdrop_loss`.
         input_ids: [B, T] token ids.
         attention_mask: [B, T] or None.
         labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
@@ -51,7 +56,7 @@ def rdrop_causal_lm_loss(
         model_kwargs: passed on to the model body.
 
     Returns:
-        ``RDropParts(loss, ce1, ce2, kl)``; only ``loss`` carries gradient.
+        ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient.
     """
     body, head, softcap = _causal_lm_parts(model)
     if labels is None:
@@ -59,13 +64,19 @@ def rdrop_causal_lm_loss(
             attention_mask == 0, ignore_index)
     twice = torch.cat([input_ids, input_ids])
     mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
-    hidden = body(input_ids=twice, attention_mask=mask, **model_kwargs).last_hidden_state
-    hidden1, hidden2 = hidden[: len(input_ids), :-1], hidden[len(input_ids):, :-1]
-    parts = linear_rdrop_loss(
-        hidden1, hidden2, head.weight, labels[:, 1:], head.bias, alpha=alpha,
-        ignore_index=ignore_index, reduction="mean" if num_items_in_batch is None else "sum",
-        label_smoothing=label_smoothing, softcap=softcap, return_parts=True,
-        chunk_size=chunk_size)
+    keywords = dict(alpha=alpha, ignore_index=ignore_index, label_smoothing=label_smoothing,
+                    reduction="mean" if num_items_in_batch is None else "sum",
+                    return_parts=True)
+    if type(head) is nn.Linear:
+        hidden = body(input_ids=twice, attention_mask=mask, **model_kwargs).last_hidden_state
+        hidden1, hidden2 = hidden[: len(input_ids), :-1], hidden[len(input_ids):, :-1]
+        parts = linear_rdrop_loss(hidden1, hidden2, head.weight, labels[:, 1:], head.bias,
+                                  softcap=softcap, chunk_size=chunk_size, **keywords)
+    else:  # the model's own head (with its softcap): [2B, T, V], both passes stacked
+        logits = model(input_ids=twice, attention_mask=mask, **model_kwargs).logits
+        # position t predicts token t + 1; the last position predicts nothing
+        shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        parts = stacked_rdrop_loss(logits, shifted, **keywords)
     if num_items_in_batch is None:
         return parts
     return RDropParts(*(part / num_items_in_batch for part in parts))
@@ -74,13 +85,8 @@ def rdrop_causal_lm_loss(
 def _causal_lm_parts(model: nn.Module):
     """(decoder body, output embedding, final-logit softcap) of a causal LM, PEFT or not."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    body = base.get_decoder()
-    head = base.get_output_embeddings()
-    if type(head) is not nn.Linear:
-        raise ValueError(
-            f"model's output embedding must be a plain nn.Linear (got {type(head).__name__}); "
-            "an adapter on lm_head is not supported: merge it, or leave the head frozen")
-    return body, head, getattr(base.config, "final_logit_softcapping", None)
+    return (base.get_decoder(), base.get_output_embeddings(),
+            getattr(base.config, "final_logit_softcapping", None))
 
 
 class RDropTrainer(Trainer):

@@ -369,20 +369,33 @@ inline bool ignored(const int64_t* target, int64_t row, const Options& o) {
 
 // ---- whole batches -----------------------------------------------------------------------------
 
-// Forward; with row_weight, also the in-place gradients of
-// row_weight * (CE_1 + CE_2 + alpha * symKL) written into z1, z2.
+// Where the forward pass writes the gradients of row_weight * (CE_1 + CE_2 + alpha * symKL):
+// nowhere (row_weight NULL), into z1, z2 themselves (in place), or into other rows.
+template <typename Fmt>
+struct GradOut {
+  const float* row_weight;
+  float alpha;
+  Elem<Fmt>* dz1;
+  Elem<Fmt>* dz2;
+  int64_t stride1, stride2;
+};
+
+// Forward; with out.row_weight, also the gradients, in a second pass over each row while it is
+// in cache.
 template <typename Fmt, bool kSoftcap>
-void forward(Elem<Fmt>* z1, Elem<Fmt>* z2, int64_t stride1, int64_t stride2, int64_t n_rows,
-             const int64_t* target, const Options& o, const float* row_weight, float alpha,
+void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t stride2,
+             int64_t n_rows, const int64_t* target, const Options& o, const GradOut<Fmt>& out,
              float* parts, float* stats, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t row = 0; row < n_rows; ++row) {
-    Elem<Fmt>* r1 = z1 + row * stride1;
-    Elem<Fmt>* r2 = z2 + row * stride2;
+    const Elem<Fmt>* r1 = z1 + row * stride1;
+    const Elem<Fmt>* r2 = z2 + row * stride2;
+    Elem<Fmt>* d1 = out.row_weight ? out.dz1 + row * out.stride1 : nullptr;
+    Elem<Fmt>* d2 = out.row_weight ? out.dz2 + row * out.stride2 : nullptr;
     if (ignored(target, row, o)) {
       for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = 0.0f;
       for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = 0.0f;
-      if (row_weight) fill_zeros<Fmt>(r1, r2, o.vocab);
+      if (out.row_weight) fill_zeros<Fmt>(d1, d2, o.vocab);
       continue;
     }
     const int64_t y = o.has_target ? target[row] : 0;
@@ -392,9 +405,9 @@ void forward(Elem<Fmt>* z1, Elem<Fmt>* z2, int64_t stride1, int64_t stride2, int
     const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
     for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
     for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
-    if (row_weight) {
-      const float w = row_weight[row];
-      row_grads<Fmt, kSoftcap>(r1, r2, r1, r2, y, st, w, w, alpha * w, o);
+    if (out.row_weight) {
+      const float w = out.row_weight[row];
+      row_grads<Fmt, kSoftcap>(r1, r2, d1, d2, y, st, w, w, out.alpha * w, o);
     }
   }
 }
@@ -474,20 +487,31 @@ int dispatch(int dtype, bool softcap, F&& f) {
 
 extern "C" {
 
+// Bumped whenever a signature below changes: the loader refuses a stale build.
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 2; }
+
 // z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
-// NULL; softcap 0 for none. row_weight: NULL for the plain forward, else [n_rows] and the
-// gradients go into z1, z2. parts: float [3, n_rows]; stats: float [5, n_rows].
+// NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [5, n_rows]. row_weight: NULL
+// for the plain forward, else [n_rows], and the gradients go into the rows of dz1, dz2 (row
+// strides dstride1, dstride2), which may be z1, z2 themselves.
 FASTRDROP_API int fastrdrop_cpu_forward(void* z1, void* z2, int64_t stride1, int64_t stride2, int dtype,
                           int64_t n_rows, int64_t vocab, const int64_t* target,
                           int64_t ignore_index, float label_smoothing, float softcap,
-                          const float* row_weight, float alpha, float* parts, float* stats,
+                          const float* row_weight, float alpha, void* dz1, void* dz2,
+                          int64_t dstride1, int64_t dstride2, float* parts, float* stats,
                           int num_threads) {
   const Options o{vocab, ignore_index, label_smoothing, softcap, target != nullptr};
   return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
     using Fmt = typename decltype(tag)::type;
     using T = Elem<Fmt>;
-    forward<Fmt, has_softcap>(static_cast<T*>(z1), static_cast<T*>(z2), stride1, stride2, n_rows,
-                            target, o, row_weight, alpha, parts, stats, num_threads);
+    if (row_weight && dz1 != z1) {
+      advise_huge_pages(dz1, n_rows * dstride1 * int64_t{sizeof(T)});
+      advise_huge_pages(dz2, n_rows * dstride2 * int64_t{sizeof(T)});
+    }
+    const GradOut<Fmt> out{row_weight, alpha, static_cast<T*>(dz1), static_cast<T*>(dz2),
+                           dstride1, dstride2};
+    forward<Fmt, has_softcap>(static_cast<const T*>(z1), static_cast<const T*>(z2), stride1,
+                              stride2, n_rows, target, o, out, parts, stats, num_threads);
   });
 }
 
