@@ -203,3 +203,16 @@ def test_stacked_errors(logits_shape, target_shape, error, match):
         fastrdrop.stacked_rdrop_loss(logits, target)
     with pytest.raises(TypeError, match="logits must be a floating-point tensor"):
         fastrdrop.stacked_rdrop_loss(torch.zeros(4, 5, dtype=torch.long, device=DEVICE))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_logits_rising_far_along_the_row(backend, dtype, inplace):
+    # Blocks late in the row far above the first ones (by 150, past exp's range in fp32): the
+    # gradients written in the forward pass, from the exponentials of the stats pass, too.
+    logits = stacked_logits((3,), 7000, torch.float64)
+    logits[:3, 4500:] += 150.0
+    logits[3:, 5000:] += 150.0
+    check_stacked(backend, logits.to(dtype), labels((3,), 7000), inplace=inplace,
+                  label_smoothing=0.1, reduction="sum")

@@ -34,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 namespace {
 
@@ -198,9 +199,18 @@ struct BlockSums {
   float s1, s2, t1, t2, z1, z2, n, max1, max2;
 };
 
-template <typename Fmt, bool kSoftcap, bool kSmoothing>
+// Where a row's exponentials exp(z_k - shift_k) and each block's shifts are kept for the
+// gradient pass that follows in the forward pass, which then needs no exp per entry.
+struct RowCache {
+  float* e1;
+  float* e2;
+  float* shift1;  // per block
+  float* shift2;
+};
+
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache>
 inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float cap,
-                            float shift1, float shift2) {
+                            float shift1, float shift2, float* e1_out, float* e2_out) {
   float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0;
   float max1 = kNegInf, max2 = kNegInf;
 #pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n) reduction(max : max1, max2)
@@ -209,6 +219,10 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
     const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
     const float d = a - b;  // inf or NaN only where e1 or e2 is 0
     const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
+    if constexpr (kCache) {
+      e1_out[j] = e1;
+      e2_out[j] = e2;
+    }
     s1 += e1;
     s2 += e2;
     t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
@@ -230,8 +244,9 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
 //    shift, where exp would come near overflow, is summed again with its own maxima;
 // 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2;
 // 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' sum z_k.
-template <typename Fmt, bool kSoftcap, bool kSmoothing>
-RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o) {
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
+RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o,
+                   const RowCache& cache = {}) {
   constexpr float kHeadroom = 64.0f;  // 2048 * exp(64) stays far below FLT_MAX
   const float cap = o.softcap;
   float m1 = kNegInf, m2 = kNegInf;  // running maxima
@@ -250,11 +265,19 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
     }
     shift1 = shift1 == kNegInf ? 0.0f : shift1;  // never -inf - -inf
     shift2 = shift2 == kNegInf ? 0.0f : shift2;
-    BlockSums b = block_sums<Fmt, kSoftcap, kSmoothing>(b1, b2, len, cap, shift1, shift2);
+    float* e1 = kCache ? cache.e1 + start : nullptr;
+    float* e2 = kCache ? cache.e2 + start : nullptr;
+    BlockSums b =
+        block_sums<Fmt, kSoftcap, kSmoothing, kCache>(b1, b2, len, cap, shift1, shift2, e1, e2);
     if (b.max1 - shift1 > kHeadroom || b.max2 - shift2 > kHeadroom) {
       shift1 = std::max(shift1, b.max1);
       shift2 = std::max(shift2, b.max2);
-      b = block_sums<Fmt, kSoftcap, kSmoothing>(b1, b2, len, cap, shift1, shift2);
+      b = block_sums<Fmt, kSoftcap, kSmoothing, kCache>(b1, b2, len, cap, shift1, shift2, e1,
+                                                        e2);
+    }
+    if constexpr (kCache) {
+      cache.shift1[start / kBlock] = shift1;
+      cache.shift2[start / kBlock] = shift2;
     }
     // bring the running sums and the block's to the new running maxima
     const float new_m1 = std::max(m1, b.max1), new_m2 = std::max(m2, b.max2);
@@ -310,9 +333,8 @@ struct GradForm {
 };
 
 template <bool kSoftcap>
-inline void grads_at(float x1, float x2, bool present, float u, const GradForm& f, float softcap,
-                     float& g1, float& g2) {
-  const float p = vexp(x1 - f.lse1), q = vexp(x2 - f.lse2);
+inline void grads_of(float p, float q, float x1, float x2, bool present, float u,
+                     const GradForm& f, float softcap, float& g1, float& g2) {
   const float d = x1 - x2;
   const float p_d = p > 0.0f ? p * (d - f.ep) : 0.0f;  // 0 * inf := 0
   const float q_d = q > 0.0f ? q * (d - f.eq) : 0.0f;
@@ -326,16 +348,28 @@ inline void grads_at(float x1, float x2, bool present, float u, const GradForm& 
   g2 = present ? b : 0.0f;
 }
 
+template <bool kSoftcap>
+inline void grads_at(float x1, float x2, bool present, float u, const GradForm& f, float softcap,
+                     float& g1, float& g2) {
+  grads_of<kSoftcap>(vexp(x1 - f.lse1), vexp(x2 - f.lse2), x1, x2, present, u, f, softcap, g1,
+                     g2);
+}
+
 // Second pass: p and q from the stats, then dz1, dz2 (which may alias z1, z2: each position is
 // read before it is written). The label's position is redone in fp32 with its (1 - eps) term,
 // never as a read-modify-write of a stored bf16 value.
+inline GradForm grad_form(const RowStats& st, float c_ce1, float c_ce2, float c_kl,
+                          const Options& o) {
+  return {st.lse1, st.lse2, st.ep, st.eq, 0.5f * c_kl,
+          o.has_target ? c_ce1 : 0.0f, o.has_target ? c_ce2 : 0.0f,
+          o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f};
+}
+
 template <typename Fmt, bool kSoftcap>
 void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
                int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
                const Options& o) {
-  const GradForm f{st.lse1, st.lse2, st.ep, st.eq, 0.5f * c_kl,
-                   o.has_target ? c_ce1 : 0.0f, o.has_target ? c_ce2 : 0.0f,
-                   o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f};
+  const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
   const float cap = o.softcap;
   float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
   const bool label_here = o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, cap, label1, label2);
@@ -355,6 +389,49 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
   }
 }
 
+// row_grads with p and q from the stats pass's exponentials: p = exp(z1 - shift1) times
+// exp(shift1 - lse1), one factor per block. No softcap (its derivative needs the capped values).
+template <typename Fmt>
+void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
+                      int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
+                      const Options& o, const RowCache& cache) {
+  const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
+  auto factors = [&](int64_t block, float& f1, float& f2) {
+    f1 = static_cast<float>(std::exp(static_cast<double>(cache.shift1[block]) - st.lse1));
+    f2 = static_cast<float>(std::exp(static_cast<double>(cache.shift2[block]) - st.lse2));
+  };
+  float label1 = 0.0f, label2 = 0.0f, p_y = 0.0f, q_y = 0.0f;  // read before dz overwrites z
+  const bool label_here = o.has_target && load_pair<Fmt, false>(z1, z2, y, 0.0f, label1, label2);
+  if (o.has_target) {
+    float f1, f2;
+    factors(y / kBlock, f1, f2);
+    p_y = cache.e1[y] * f1;
+    q_y = cache.e2[y] * f2;
+  }
+  for (int64_t start = 0; start < o.vocab; start += kBlock) {
+    const int64_t len = std::min(kBlock, o.vocab - start);
+    float f1, f2;
+    factors(start / kBlock, f1, f2);
+    const float* e1 = cache.e1 + start;
+    const float* e2 = cache.e2 + start;
+#pragma omp simd
+    for (int64_t j = 0; j < len; ++j) {
+      float a, b, g1, g2;
+      const bool here = load_pair<Fmt, false>(z1 + start, z2 + start, j, 0.0f, a, b);
+      grads_of<false>(e1[j] * f1, e2[j] * f2, a, b, here, f.smooth, f, 0.0f, g1, g2);
+      dz1[start + j] = Fmt::store(g1);
+      dz2[start + j] = Fmt::store(g2);
+    }
+  }
+  if (o.has_target) {
+    float g1, g2;
+    grads_of<false>(p_y, q_y, label1, label2, label_here, 1.0f - o.eps + f.smooth, f, 0.0f, g1,
+                    g2);
+    dz1[y] = Fmt::store(g1);
+    dz2[y] = Fmt::store(g2);
+  }
+}
+
 template <typename Fmt>
 void fill_zeros(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t vocab) {
   for (int64_t j = 0; j < vocab; ++j) {
@@ -368,6 +445,23 @@ inline bool ignored(const int64_t* target, int64_t row, const Options& o) {
 }
 
 // ---- whole batches -----------------------------------------------------------------------------
+
+inline void store_row(const RowStats& st, float* parts, float* stats, int64_t n_rows,
+                      int64_t row) {
+  const float out_parts[3] = {st.ce1, st.ce2, st.kl};
+  const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
+  for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
+  for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
+}
+
+// This thread's RowCache for rows of `vocab` entries (kept between calls; 8 bytes per entry).
+inline RowCache row_cache(int64_t vocab) {
+  thread_local std::vector<float> buffer;
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  if (static_cast<int64_t>(buffer.size()) < 2 * (vocab + blocks)) buffer.resize(2 * (vocab + blocks));
+  float* data = buffer.data();
+  return {data, data + vocab, data + 2 * vocab, data + 2 * vocab + blocks};
+}
 
 // Where the forward pass writes the gradients of row_weight * (CE_1 + CE_2 + alpha * symKL):
 // nowhere (row_weight NULL), into z1, z2 themselves (in place), or into other rows.
@@ -399,12 +493,21 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
       continue;
     }
     const int64_t y = o.has_target ? target[row] : 0;
-    const RowStats st = o.has_target && o.eps > 0.0f ? row_stats<Fmt, kSoftcap, true>(r1, r2, y, o)
-                                                     : row_stats<Fmt, kSoftcap, false>(r1, r2, y, o);
-    const float out_parts[3] = {st.ce1, st.ce2, st.kl};
-    const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
-    for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
-    for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
+    const bool smoothing = o.has_target && o.eps > 0.0f;
+    if constexpr (!kSoftcap) {
+      if (out.row_weight) {  // stats and gradients from one exp per entry and pass
+        const RowCache cache = row_cache(o.vocab);
+        const RowStats st = smoothing ? row_stats<Fmt, false, true, true>(r1, r2, y, o, cache)
+                                      : row_stats<Fmt, false, false, true>(r1, r2, y, o, cache);
+        store_row(st, parts, stats, n_rows, row);
+        const float w = out.row_weight[row];
+        row_grads_cached<Fmt>(r1, r2, d1, d2, y, st, w, w, out.alpha * w, o, cache);
+        continue;
+      }
+    }
+    const RowStats st = smoothing ? row_stats<Fmt, kSoftcap, true>(r1, r2, y, o)
+                                  : row_stats<Fmt, kSoftcap, false>(r1, r2, y, o);
+    store_row(st, parts, stats, n_rows, row);
     if (out.row_weight) {
       const float w = out.row_weight[row];
       row_grads<Fmt, kSoftcap>(r1, r2, d1, d2, y, st, w, w, out.alpha * w, o);
