@@ -43,25 +43,16 @@ def check_args(
                   label_smoothing=label_smoothing, softcap=softcap)
 
 
-def check_stacked_args(
-    logits: Tensor,
-    target: Optional[Tensor],
-    *,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    softcap: Optional[float],
-) -> None:
-    """check_args for logits [2B, ..., V] holding both passes stacked on dim 0, target [B, ...]."""
+def check_stacked_args(logits: Tensor, target: Optional[Tensor], **options) -> None:
+    """check_args for logits [2B, ..., V] holding both passes stacked on dim 0, target [B, ...];
+    ``options`` are check_options' keywords."""
     _check_floating("logits", logits)
     if logits.dim() < 2 or logits.shape[0] % 2 or logits.shape[-1] == 0:
         raise ValueError(
             "logits must have shape [2B, ..., V], both passes stacked on dim 0 (an even size) "
             f"and V >= 1 (the vocabulary), got {_shape(logits)}")
     check_target(target, logits[: logits.shape[0] // 2], "logits[:B]", "the vocabulary")
-    check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing, softcap=softcap)
+    check_options(**options)
 
 
 def _check_floating(name: str, t: Tensor) -> None:
