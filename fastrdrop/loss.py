@@ -125,6 +125,13 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     batch_shape = ops.halves(logits1, logits2)[0].shape[:-1]
     z1 = _rows(logits1, name1, inplace_backward)
     z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
+    for name, rows in ((name1, z1), ("logits2", z2)):
+        if inplace_backward and rows is not None and rows.shape[0] > 1 and (
+                rows.stride(0) < rows.shape[1]):
+            raise ValueError(
+                f"{name}'s rows overlap in memory (row stride {rows.stride(0)} < V="
+                f"{rows.shape[1]}), so inplace_backward=True cannot write each row's gradient "
+                "into them")
     if inplace_backward and z2 is not None and (
             logits1 is logits2 or (not torch.compiler.is_compiling() and z1.numel() > 0
                                    and z1.data_ptr() == z2.data_ptr())):

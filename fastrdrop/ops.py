@@ -387,7 +387,9 @@ class RDropLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
-        if ctx.grads is None and hasattr(ctx, "recompute"):
+        # New buffers serve the first eager backward. A second one, or a traced one (compiled
+        # autograd, which may replay it without running this code again), computes them again.
+        if hasattr(ctx, "recompute") and (ctx.grads is None or torch.compiler.is_compiling()):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 8)
         grads = take_gradients_once(ctx)
         dz1, dz2 = halves(*grads)

@@ -165,11 +165,12 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
             label_absent = (zy1 == NEG_INF) & (zy2 == NEG_INF)
             zy1 = tl.where(label_absent, NEG_INF, _softcap(zy1, softcap))
             zy2 = tl.where(label_absent, NEG_INF, _softcap(zy2, softcap))
-        ce1 = lse1 - (1.0 - eps) * zy1
-        ce2 = lse2 - (1.0 - eps) * zy2
-        if eps > 0:
-            ce1 -= eps / n_present * sum_z1
-            ce2 -= eps / n_present * sum_z2
+        # (lse - z_y) + eps (z_y - mean z): the same, but exactly 0 where it is 0 (V' = 1)
+        ce1 = lse1 - zy1
+        ce2 = lse2 - zy2
+        if eps > 0:  # a label on an absent entry keeps its infinite cross entropy
+            ce1 += eps * tl.where(zy1 == NEG_INF, 0.0, zy1 - sum_z1 / n_present)
+            ce2 += eps * tl.where(zy2 == NEG_INF, 0.0, zy2 - sum_z2 / n_present)
         ce1 = tl.where(label_ok, ce1, float("nan"))
         ce2 = tl.where(label_ok, ce2, float("nan"))
         kl = tl.where(label_ok, kl, float("nan"))

@@ -275,3 +275,18 @@ def test_grid_is_complete():
     for position, values in enumerate([REDUCTIONS, (True, False), (0.0, 0.1), (None, 30.0),
                                        DTYPES]):
         assert {case[position] for case in COVERING} == set(values)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_entry_rows_have_zero_loss(backend, dtype):
+    # V = 1: a point mass, so CE (smoothed or not) and KL are exactly 0, whatever the logit's
+    # size: a difference of rounded products (lse - 0.9 z - 0.1 z) would leave ~|z| 2^-24.
+    z1 = torch.tensor([[11.3125], [-9.6875], [7.09375], [10.90625], [-12.4375], [3.1875]])
+    z2 = z1 + torch.tensor([[0.5], [-1.25], [2.0], [0.125], [3.0], [-0.75]])
+    target = torch.zeros(6, dtype=torch.long)
+    for smoothing in (0.0, 0.1):
+        parts = fastrdrop.rdrop_loss(z1.to(DEVICE, dtype), z2.to(DEVICE, dtype),
+                                     target.to(DEVICE), backend=backend, reduction="sum",
+                                     label_smoothing=smoothing, return_parts=True)
+        assert all(part.item() == 0.0 for part in parts), (smoothing, parts)

@@ -150,6 +150,17 @@ def test_rows_with_gaps(backend):
         assert torch.equal(logits.detach(), before)
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_refuses_rows_that_overlap(backend):
+    # expand: every row is the same memory; the default mode reads them, in place cannot write
+    row = stacked_logits((1,), 300, torch.float32)[:1].requires_grad_()
+    logits = row.expand(4, 300)
+    target = labels((2,), 300)
+    check_stacked(backend, logits.detach(), target, inplace=False)
+    with pytest.raises(ValueError, match="logits's rows overlap in memory"):
+        fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, inplace_backward=True)
+
+
 def test_module_form_and_repr():
     criterion = fastrdrop.StackedRDropLoss(alpha=2.0, ignore_index=-1, reduction="sum",
                                            inplace_backward=True)
@@ -192,3 +203,24 @@ def test_logits_rising_far_along_the_row(backend, dtype, inplace):
     logits[3:, 5000:] += 150.0
     check_stacked(backend, logits.to(dtype), labels((3,), 7000), inplace=inplace,
                   label_smoothing=0.1, reduction="sum")
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_compiled_autograd_second_backward(backend):
+    # Compiled autograd traces the backward pass: the gradients of an fp32 loss made in the
+    # forward pass are then computed again, each time, rather than scaled twice.
+    enable = getattr(torch._dynamo.compiled_autograd, "_enable", None)
+    if enable is None:
+        pytest.skip("this torch has no compiled autograd")
+    torch._dynamo.reset()
+    logits = stacked_logits((3,), 200, torch.float32)
+    target = labels((3,), 200)
+    want = loss_and_grad(functools.partial(on_halves(reference.rdrop_loss), target=target,
+                                           reduction="sum"), logits, torch.tensor(2.0))[1]
+    leaf = logits.detach().clone().requires_grad_()
+    loss = fastrdrop.stacked_rdrop_loss(leaf * 1, target, backend=backend, reduction="sum")
+    for retain in (True, False):
+        leaf.grad = None
+        with enable(torch.compile(backend="eager")):
+            (loss * 2.0).backward(retain_graph=retain)
+        torch.testing.assert_close(leaf.grad, want, rtol=1e-4, atol=1e-6)
