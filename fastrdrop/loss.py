@@ -116,13 +116,13 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     """rdrop_loss after the argument checks; logits2 None: logits1 holds both passes stacked."""
     name1 = "logits1" if logits2 is not None else "logits"
     backend = resolve_backend(backend, logits1, name1)
+    first, second = ops.halves(logits1, logits2)
     if backend == "torch":
         return reference.rdrop_loss(
-            *ops.halves(logits1, logits2), target, alpha=alpha, ignore_index=ignore_index,
-            reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-            return_parts=return_parts)
+            first, second, target, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+            label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts)
 
-    batch_shape = ops.halves(logits1, logits2)[0].shape[:-1]
+    batch_shape = first.shape[:-1]
     z1 = _rows(logits1, name1, inplace_backward)
     z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
     for name, rows in ((name1, z1), ("logits2", z2)):
