@@ -71,6 +71,24 @@ def test_stacked_matches_oracle(backend, dtype, reduction, inplace):
     assert grad.shape == logits.shape
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize(("label_smoothing", "masked"), [(0.0, 0.0), (0.1, 0.05)])
+def test_labels_on_every_lane(backend, dtype, inplace, label_smoothing, masked):
+    # The native kernel reads 16-bit rows as 32-bit words of two elements. With V odd, every
+    # other row starts in the middle of a word and ends in a single element. Labels sit on both
+    # lanes of a word, on both sides of the 2048-entry block edges, and on the last element.
+    vocab_size = 4099
+    positions = [0, 1, 2046, 2047, 2048, 2049, 4096, 4097, 4098]
+    logits = stacked_logits((len(positions),), vocab_size, dtype, masked=masked)
+    rows = torch.arange(2 * len(positions))  # each label present, and likely: p_y near 1/2
+    logits[rows, torch.tensor(positions * 2)] = (10 + torch.randn(len(rows))).to(dtype)
+    target = torch.tensor(positions, device=DEVICE)
+    check_stacked(backend, logits, target, inplace=inplace, reduction="none",
+                  label_smoothing=label_smoothing, alpha=0.8)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("inplace", [False, True])

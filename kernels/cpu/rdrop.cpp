@@ -34,6 +34,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -64,24 +65,64 @@ inline uint32_t as_bits(float f) {
 template <typename Fmt>
 using Elem = typename Fmt::storage;
 
+// The vocabulary loops read and write a row as words of kLanes elements: one 32-bit word holds
+// two 16-bit elements, element 2k in its low half. Lane l of word k is element kLanes * k + l.
+// Each lane of a vector register then sits in a 32-bit lane, with no packing or permuting.
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "words of 16-bit elements");
+
+template <int L>
+struct Word {  // the fp32 values of one word's lanes
+  float x[L];
+};
+
+template <typename Fmt>
+inline uint32_t load_word(const Elem<Fmt>* p, int64_t k) {
+  uint32_t w;
+  std::memcpy(&w, p + 2 * k, sizeof w);  // rows need no 4-byte alignment
+  return w;
+}
+
+template <typename Fmt>
+inline void store_word(Elem<Fmt>* p, int64_t k, uint32_t w) {
+  std::memcpy(p + 2 * k, &w, sizeof w);
+}
+
 struct F32 {
   using storage = float;
+  static constexpr int kLanes = 1;
   static float load(float x) { return x; }
   static float store(float x) { return x; }
+  template <int>
+  static float lane(const float* p, int64_t k) {
+    return p[k];
+  }
+  static void pack(float* p, int64_t k, Word<1> g) { p[k] = g.x[0]; }
 };
 
 struct BF16 {  // the top half of a float's bits
   using storage = uint16_t;
+  static constexpr int kLanes = 2;
   static float load(uint16_t x) { return as_float(static_cast<uint32_t>(x) << 16); }
-  static uint16_t store(float x) {
-    // round to nearest even: add half an ulp, less one unless the kept mantissa is odd
+  // x's bits rounded to nearest even in the top half: add half an ulp, less one unless the kept
+  // mantissa is odd
+  static uint32_t rounded(float x) {
     const uint32_t bits = as_bits(x);
-    return static_cast<uint16_t>((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
+    return bits + 0x7FFFu + ((bits >> 16) & 1u);
+  }
+  static uint16_t store(float x) { return static_cast<uint16_t>(rounded(x) >> 16); }
+  template <int kLane>
+  static float lane(const uint16_t* p, int64_t k) {
+    const uint32_t w = load_word<BF16>(p, k);
+    return as_float(kLane == 0 ? w << 16 : w & 0xFFFF0000u);
+  }
+  static void pack(uint16_t* p, int64_t k, Word<2> g) {
+    store_word<BF16>(p, k, (rounded(g.x[0]) >> 16) | (rounded(g.x[1]) & 0xFFFF0000u));
   }
 };
 
 struct F16 {  // IEEE half, converted on the bits so that the loops vectorise without AVX512-FP16
   using storage = uint16_t;
+  static constexpr int kLanes = 2;
   static float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t rest = static_cast<uint32_t>(h & 0x7FFFu) << 13;
@@ -106,28 +147,85 @@ struct F16 {  // IEEE half, converted on the bits so that the loops vectorise wi
                                                   : normal;
     return static_cast<uint16_t>(out | sign);
   }
+  template <int kLane>
+  static float lane(const uint16_t* p, int64_t k) {
+    return load(static_cast<uint16_t>(load_word<F16>(p, k) >> (16 * kLane)));
+  }
+  static void pack(uint16_t* p, int64_t k, Word<2> g) {
+    const uint32_t low = store(g.x[0]), high = store(g.x[1]);
+    store_word<F16>(p, k, low | high << 16);
+  }
 };
+
+// One element per word: the odd last element of a row of 16-bit elements.
+template <typename Fmt>
+struct Single {
+  using storage = Elem<Fmt>;
+  static constexpr int kLanes = 1;
+  template <int>
+  static float lane(const storage* p, int64_t k) {
+    return Fmt::load(p[k]);
+  }
+  static void pack(storage* p, int64_t k, Word<1> g) { p[k] = Fmt::store(g.x[0]); }
+};
+
+// Word k of a row: its lanes as fp32.
+template <typename Fmt>
+inline Word<Fmt::kLanes> unpack(const Elem<Fmt>* p, int64_t k) {
+  if constexpr (Fmt::kLanes == 1) {
+    return {{Fmt::template lane<0>(p, k)}};
+  } else {
+    return {{Fmt::template lane<0>(p, k), Fmt::template lane<1>(p, k)}};
+  }
+}
+
+template <typename T>
+struct Tag {
+  using type = T;
+};
+
+// Calls f(Tag<W>{}, at, count) for the whole words of elements [0, len) (W = Fmt, at = 0) and for
+// the odd element left at the end of a 16-bit run (W = Single<Fmt>).
+template <typename Fmt, typename F>
+inline void by_words(int64_t len, F&& f) {
+  const int64_t whole = len - len % Fmt::kLanes;
+  f(Tag<Fmt>{}, int64_t{0}, whole);
+  if constexpr (Fmt::kLanes > 1) {
+    if (whole < len) f(Tag<Single<Fmt>>{}, whole, len - whole);
+  }
+}
+
+// Where by_words puts element j of a run of len elements, when each lane's values are kept in
+// order: lane by lane over the whole words, then the odd last element.
+template <typename Fmt>
+inline int64_t lane_major(int64_t j, int64_t len) {
+  const int64_t words = len / Fmt::kLanes;
+  return j < words * Fmt::kLanes ? (j % Fmt::kLanes) * words + j / Fmt::kLanes : j;
+}
 
 // ---- vectorisable elementary functions ---------------------------------------------------------
 
 // exp(x) for x <= 88, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by a degree-5 polynomial, 2^n put into the exponent bits. Relative error below 2e-7
-// (1.5 ulp) down to the smallest normal float. x is clamped at -88, where n = -127 makes the
-// exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no test. Callers pass logits
-// minus a shift at most kHeadroom below them, or minus their lse.
-inline float vexp(float x) {
+// exp(r) by a degree-5 polynomial, 2^n put into the exponent bits. One FMA reduces x with ln2
+// rounded to float, whose error of 1.9e-9 grows with |n|: the relative error is below 2.1e-7
+// (1.7 ulp) for x in [-20, 0] and 4e-7 down to the smallest normal float. x is clamped at -88,
+// where n = -127 makes the exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no
+// test. Callers pass logits minus a shift at most kHeadroom below them, or minus their lse.
+[[gnu::always_inline]] inline float vexp(float x) {
   const float xc = std::max(x, -88.0f);
   // t = x log2(e) + 1.5 * 2^23 rounds to an integer n that sits in t's low mantissa bits
   const float magic = 12582912.0f;
   const float t = xc * 1.44269504088896341f + magic;
   const float n = t - magic;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  // exp(r) = 1 + r + r^2 g(r), g a cubic fitted for relative error on |r| <= ln2 / 2
-  float g = 8.33381e-3f;
-  g = g * r + 4.189858e-2f;
-  g = g * r + 1.6666887e-1f;
-  g = g * r + 4.9999143e-1f;
-  const float p = g * r * r + r + 1.0f;
+  const float r = xc - n * 0.693147182f;
+  // exp(r) = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), fitted for relative error on
+  // |r| <= ln2 / 2; Horner's scheme, five FMAs
+  float p = 8.33381e-3f;
+  p = p * r + 4.189858e-2f;
+  p = p * r + 1.6666887e-1f;
+  p = p * r + 4.9999143e-1f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
   // 2^n: n + 127 into the exponent bits (0x4B400000: the bits of magic); unsigned, so that no
   // input, NaN included, makes the shift undefined
   const uint32_t scale_bits = (as_bits(t) - 0x4B400000u + 127u) << 23;
@@ -135,7 +233,7 @@ inline float vexp(float x) {
 }
 
 // c * tanh(x / c), through exp(-2 |x / c|): the same formula as the Triton kernels
-inline float softcap_of(float x, float c) {
+[[gnu::always_inline]] inline float softcap_of(float x, float c) {
   const float e = vexp(-2.0f * std::fabs(x / c));
   const float t = (1.0f - e) / (1.0f + e);
   return c * (x < 0.0f ? -t : t);
@@ -153,20 +251,26 @@ struct Options {
 
 struct RowStats {
   float ce1, ce2, kl, lse1, lse2, ep, eq, n_present;
+  bool guarded;  // D is infinite or NaN somewhere (a -inf logit): see grads_of
 };
 
-// One position of both rows as fp32: softcapped, -inf where absent. Returns whether present.
-template <typename Fmt, bool kSoftcap>
-inline bool load_pair(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t j, float cap, float& a,
-                      float& b) {
-  a = Fmt::load(z1[j]);
-  b = Fmt::load(z2[j]);
+// One position of both rows as fp32, softcapped, -inf where absent. Returns whether present.
+template <bool kSoftcap>
+[[gnu::always_inline]] inline bool present(float& a, float& b, float cap) {
   const bool here = !(a == kNegInf && b == kNegInf);
   if constexpr (kSoftcap) {
     a = here ? softcap_of(a, cap) : kNegInf;
     b = here ? softcap_of(b, cap) : kNegInf;
   }
   return here;
+}
+
+template <typename Fmt, bool kSoftcap>
+inline bool load_pair(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t j, float cap, float& a,
+                      float& b) {
+  a = Fmt::load(z1[j]);
+  b = Fmt::load(z2[j]);
+  return present<kSoftcap>(a, b, cap);
 }
 
 // The maxima of a block's softcapped logits, from the raw values (softcap is monotonic, and maps
@@ -196,7 +300,13 @@ inline double rescale(float m_old, float shift) {
 // The sums of one block for fixed shifts: s_k = sum exp(z_k - shift_k), t_k = sum exp(z_k -
 // shift_k) D, sum z_k and the count of present entries (smoothing only), and the block's maxima.
 struct BlockSums {
-  float s1, s2, t1, t2, z1, z2, n, max1, max2;
+  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, z1 = 0, z2 = 0, n = 0, max1 = kNegInf, max2 = kNegInf;
+
+  BlockSums& operator+=(const BlockSums& o) {
+    s1 += o.s1, s2 += o.s2, t1 += o.t1, t2 += o.t2, z1 += o.z1, z2 += o.z2, n += o.n;
+    max1 = std::max(max1, o.max1), max2 = std::max(max2, o.max2);
+    return *this;
+  }
 };
 
 // Where a row's exponentials exp(z_k - shift_k) and each block's shifts are kept for the
@@ -208,25 +318,35 @@ struct RowCache {
   float* shift2;
 };
 
-template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache>
-inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float cap,
-                            float shift1, float shift2, float* e1_out, float* e2_out) {
+// The sums of lane kLane of words [0, words); with kCache the exponentials go to e1_out,
+// e2_out. kGuard: t_k takes 0 for exp(z_k - shift_k) D where the exponential is 0 and D infinite
+// (a -inf logit). Without it such a position makes t_k NaN or inf, and the block is summed
+// again with it.
+template <typename Fmt, int kLane, bool kSoftcap, bool kSmoothing, bool kCache, bool kGuard>
+inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t words, float cap,
+                            float shift1, float shift2, float* __restrict e1_out,
+                            float* __restrict e2_out) {
   float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0;
   float max1 = kNegInf, max2 = kNegInf;
 #pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n) reduction(max : max1, max2)
-  for (int64_t j = 0; j < len; ++j) {
-    float a, b;
-    const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
+  for (int64_t k = 0; k < words; ++k) {
+    float a = Fmt::template lane<kLane>(z1, k), b = Fmt::template lane<kLane>(z2, k);
+    const bool here = present<kSoftcap>(a, b, cap);
     const float d = a - b;  // inf or NaN only where e1 or e2 is 0
     const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
     if constexpr (kCache) {
-      e1_out[j] = e1;
-      e2_out[j] = e2;
+      e1_out[k] = e1;
+      e2_out[k] = e2;
     }
     s1 += e1;
     s2 += e2;
-    t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
-    t2 += e2 > 0.0f ? e2 * d : 0.0f;
+    if constexpr (kGuard) {
+      t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
+      t2 += e2 > 0.0f ? e2 * d : 0.0f;
+    } else {
+      t1 += e1 * d;
+      t2 += e2 * d;
+    }
     if constexpr (kSmoothing) {
       sz1 += here ? a : 0.0f;
       sz2 += here ? b : 0.0f;
@@ -252,6 +372,36 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   float m1 = kNegInf, m2 = kNegInf;  // running maxima
   double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = o.vocab;
   if constexpr (kSmoothing) n_present = 0;
+  bool guarded = false;
+  auto block = [&](const Elem<Fmt>* b1, const Elem<Fmt>* b2, int64_t len, float shift1,
+                   float shift2, float* e1, float* e2) {
+    // element by element, or with kCache lane by lane, so that the gradient pass finds each
+    // lane's exponentials in order (see lane_major)
+    auto sums = [&](auto guard) {
+      constexpr bool kGuard = decltype(guard)::value;
+      BlockSums b;
+      if constexpr (!kCache) {
+        b = block_sums<Single<Fmt>, 0, kSoftcap, kSmoothing, false, kGuard>(
+            b1, b2, len, cap, shift1, shift2, nullptr, nullptr);
+      } else {
+        by_words<Fmt>(len, [&](auto tag, int64_t at, int64_t count) {
+          using W = typename decltype(tag)::type;
+          const int64_t words = count / W::kLanes;
+          b += block_sums<W, 0, kSoftcap, kSmoothing, true, kGuard>(
+              b1 + at, b2 + at, words, cap, shift1, shift2, e1 + at, e2 + at);
+          if constexpr (W::kLanes == 2) {
+            b += block_sums<W, 1, kSoftcap, kSmoothing, true, kGuard>(
+                b1 + at, b2 + at, words, cap, shift1, shift2, e1 + at + words, e2 + at + words);
+          }
+        });
+      }
+      return b;
+    };
+    const BlockSums b = sums(std::false_type{});
+    if (std::isfinite(b.t1) && std::isfinite(b.t2)) return b;
+    guarded = true;
+    return sums(std::true_type{});
+  };
   for (int64_t start = 0; start < o.vocab; start += kBlock) {
     const int64_t len = std::min(kBlock, o.vocab - start);
     const Elem<Fmt>* b1 = z1 + start;
@@ -267,13 +417,11 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
     shift2 = shift2 == kNegInf ? 0.0f : shift2;
     float* e1 = kCache ? cache.e1 + start : nullptr;
     float* e2 = kCache ? cache.e2 + start : nullptr;
-    BlockSums b =
-        block_sums<Fmt, kSoftcap, kSmoothing, kCache>(b1, b2, len, cap, shift1, shift2, e1, e2);
+    BlockSums b = block(b1, b2, len, shift1, shift2, e1, e2);
     if (b.max1 - shift1 > kHeadroom || b.max2 - shift2 > kHeadroom) {
       shift1 = std::max(shift1, b.max1);
       shift2 = std::max(shift2, b.max2);
-      b = block_sums<Fmt, kSoftcap, kSmoothing, kCache>(b1, b2, len, cap, shift1, shift2, e1,
-                                                        e2);
+      b = block(b1, b2, len, shift1, shift2, e1, e2);
     }
     if constexpr (kCache) {
       cache.shift1[start / kBlock] = shift1;
@@ -299,6 +447,7 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
     m2 = new_m2;
   }
   RowStats r{};
+  r.guarded = guarded;
   const double lse1 = m1 + std::log(s1), lse2 = m2 + std::log(s2);
   r.lse1 = static_cast<float>(lse1);
   r.lse2 = static_cast<float>(lse2);
@@ -321,25 +470,41 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   return r;
 }
 
-// A row's gradient is a linear form in p, q, p_d = p (D - E_p[D]) and q_d = q (D - E_q[D]), with
-// h = c_kl / 2 and u = (1 - eps) [j == y] + eps / V' the label term (0 without target):
-//   dz1 =  h p_d + (c_ce1 + h) p - h q - c_ce1 u
-//   dz2 = -h q_d + (c_ce2 + h) q - h p - c_ce2 u
-// Its coefficients are computed once per row.
+// A row's gradient is a linear form in p, q, p (D - E_p[D]) and q (D - E_q[D]), with h = c_kl / 2
+// and u = (1 - eps) [j == y] + eps / V' the label term (0 without target):
+//   dz1 =  h p (D - E_p[D]) + (c_ce1 + h) p - h q - c_ce1 u  =  p (h D + k1) - h q - c_ce1 u
+//   dz2 = -h q (D - E_q[D]) + (c_ce2 + h) q - h p - c_ce2 u  =  q (k2 - h D) - h p - c_ce2 u
+// with k1 = c_ce1 + h (1 - E_p[D]), k2 = c_ce2 + h (1 + E_q[D]), computed once per row. Given
+// p / s1 and q / s2 in place of p and q, the form scaled(s1, s2) gives the same dz1, dz2.
 struct GradForm {
-  float lse1, lse2, ep, eq;  // the row's stats
-  float h, c1, c2;           // c_kl / 2, c_ce1, c_ce2
-  float smooth;              // eps / V': u away from the label
+  float lse1, lse2;  // the row's stats
+  float h1, h2;      // c_kl / 2, times s1 and s2 when scaled
+  float k1, k2;      // times s1 and s2 when scaled
+  float c1, c2;      // c_ce1, c_ce2
+  float smooth;      // eps / V': u away from the label
+
+  GradForm scaled(float s1, float s2) const {
+    return {lse1, lse2, h1 * s1, h2 * s2, k1 * s1, k2 * s2, c1, c2, smooth};
+  }
 };
 
-template <bool kSoftcap>
-inline void grads_of(float p, float q, float x1, float x2, bool present, float u,
-                     const GradForm& f, float softcap, float& g1, float& g2) {
+// kGuard: D may be infinite where p or q is 0 (a -inf logit), and 0 * inf := 0 there.
+// kLabel: u may be nonzero.
+template <bool kSoftcap, bool kGuard = true, bool kLabel = true>
+[[gnu::always_inline]] inline void grads_of(float p, float q, float x1, float x2, bool present,
+                                            float u, const GradForm& f, float softcap, float& g1,
+                                            float& g2) {
   const float d = x1 - x2;
-  const float p_d = p > 0.0f ? p * (d - f.ep) : 0.0f;  // 0 * inf := 0
-  const float q_d = q > 0.0f ? q * (d - f.eq) : 0.0f;
-  float a = f.h * p_d + (f.c1 + f.h) * p - (f.h * q + f.c1 * u);
-  float b = (f.c2 + f.h) * q - f.h * q_d - (f.h * p + f.c2 * u);
+  float w1 = p * (f.h1 * d + f.k1), w2 = q * (f.k2 - f.h2 * d);
+  if constexpr (kGuard) {
+    w1 = p > 0.0f ? w1 : 0.0f;
+    w2 = q > 0.0f ? w2 : 0.0f;
+  }
+  float a = w1 - f.h2 * q, b = w2 - f.h1 * p;
+  if constexpr (kLabel) {
+    a -= f.c1 * u;
+    b -= f.c2 * u;
+  }
   if constexpr (kSoftcap) {  // d/dx c tanh(x / c) = 1 - (z / c)^2
     a *= 1.0f - (x1 / softcap) * (x1 / softcap);
     b *= 1.0f - (x2 / softcap) * (x2 / softcap);
@@ -348,21 +513,61 @@ inline void grads_of(float p, float q, float x1, float x2, bool present, float u
   g2 = present ? b : 0.0f;
 }
 
-template <bool kSoftcap>
-inline void grads_at(float x1, float x2, bool present, float u, const GradForm& f, float softcap,
-                     float& g1, float& g2) {
-  grads_of<kSoftcap>(vexp(x1 - f.lse1), vexp(x2 - f.lse2), x1, x2, present, u, f, softcap, g1,
-                     g2);
-}
-
 // Second pass: p and q from the stats, then dz1, dz2 (which may alias z1, z2: each position is
 // read before it is written). The label's position is redone in fp32 with its (1 - eps) term,
 // never as a read-modify-write of a stored bf16 value.
 inline GradForm grad_form(const RowStats& st, float c_ce1, float c_ce2, float c_kl,
                           const Options& o) {
-  return {st.lse1, st.lse2, st.ep, st.eq, 0.5f * c_kl,
-          o.has_target ? c_ce1 : 0.0f, o.has_target ? c_ce2 : 0.0f,
+  const float h = 0.5f * c_kl;
+  const float c1 = o.has_target ? c_ce1 : 0.0f, c2 = o.has_target ? c_ce2 : 0.0f;
+  return {st.lse1, st.lse2, h, h, c1 + h * (1.0f - st.ep), c2 + h * (1.0f + st.eq), c1, c2,
           o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f};
+}
+
+// The gradients of the whole words of elements [0, len) into dz1, dz2, which may be z1, z2: each
+// word is read before it is written. p and q are exp(z - lse), or with kCached the stats pass's
+// exponentials e1, e2 (lane by lane, see lane_major) times s1, s2. Without smoothing and softcap
+// an absent position's gradient is 0 anyway (p = q = 0 and no label term).
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kGuard, bool kCached>
+inline void grads_words(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1,
+                        Elem<Fmt>* dz2, int64_t len, const float* e1, const float* e2, float s1,
+                        float s2, const GradForm& f, float cap) {
+  constexpr int L = Fmt::kLanes;
+  constexpr bool kMasked = kSmoothing || kSoftcap;
+  const int64_t words = len / L;
+#pragma omp simd
+  for (int64_t k = 0; k < words; ++k) {
+    const Word<L> w1 = unpack<Fmt>(z1, k), w2 = unpack<Fmt>(z2, k);
+    auto lane = [&](float a, float b, int64_t at) __attribute__((always_inline)) {
+      const bool here = present<kSoftcap>(a, b, cap);
+      const float p = kCached ? e1[at] * s1 : vexp(a - f.lse1);
+      const float q = kCached ? e2[at] * s2 : vexp(b - f.lse2);
+      float g1, g2;
+      grads_of<kSoftcap, kGuard, kSmoothing>(p, q, a, b, kMasked ? here : true, f.smooth, f, cap,
+                                             g1, g2);
+      return std::pair{g1, g2};
+    };
+    const auto [g1, g2] = lane(w1.x[0], w2.x[0], k);
+    if constexpr (L == 1) {
+      Fmt::pack(dz1, k, {{g1}});
+      Fmt::pack(dz2, k, {{g2}});
+    } else {
+      const auto [h1, h2] = lane(w1.x[1], w2.x[1], words + k);
+      Fmt::pack(dz1, k, {{g1, h1}});
+      Fmt::pack(dz2, k, {{g2, h2}});
+    }
+  }
+}
+
+// The label's position, redone in fp32 with its (1 - eps) term after the loop, never as a
+// read-modify-write of a stored 16-bit value. p_y, q_y: its probabilities.
+template <typename Fmt, bool kSoftcap>
+inline void label_grads(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t y, float p_y, float q_y,
+                        float z1_y, float z2_y, bool here, const GradForm& f, const Options& o) {
+  float g1, g2;
+  grads_of<kSoftcap>(p_y, q_y, z1_y, z2_y, here, 1.0f - o.eps + f.smooth, f, o.softcap, g1, g2);
+  dz1[y] = Fmt::store(g1);
+  dz2[y] = Fmt::store(g2);
 }
 
 template <typename Fmt, bool kSoftcap>
@@ -370,28 +575,32 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
                int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
                const Options& o) {
   const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
-  const float cap = o.softcap;
   float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
-  const bool label_here = o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, cap, label1, label2);
-#pragma omp simd
-  for (int64_t j = 0; j < o.vocab; ++j) {
-    float a, b, g1, g2;
-    const bool here = load_pair<Fmt, kSoftcap>(z1, z2, j, cap, a, b);
-    grads_at<kSoftcap>(a, b, here, f.smooth, f, cap, g1, g2);
-    dz1[j] = Fmt::store(g1);
-    dz2[j] = Fmt::store(g2);
+  const bool label_here =
+      o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, o.softcap, label1, label2);
+  auto run = [&](auto smoothing) {
+    by_words<Fmt>(o.vocab, [&](auto tag, int64_t at, int64_t count) {
+      using W = typename decltype(tag)::type;
+      grads_words<W, kSoftcap, decltype(smoothing)::value, true, false>(
+          z1 + at, z2 + at, dz1 + at, dz2 + at, count, nullptr, nullptr, 1.0f, 1.0f, f, o.softcap);
+    });
+  };
+  if (o.has_target && o.eps > 0.0f) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
   }
   if (o.has_target) {
-    float g1, g2;
-    grads_at<kSoftcap>(label1, label2, label_here, 1.0f - o.eps + f.smooth, f, cap, g1, g2);
-    dz1[y] = Fmt::store(g1);
-    dz2[y] = Fmt::store(g2);
+    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp(label1 - f.lse1), vexp(label2 - f.lse2), label1,
+                               label2, label_here, f, o);
   }
 }
 
 // row_grads with p and q from the stats pass's exponentials: p = exp(z1 - shift1) times
-// exp(shift1 - lse1), one factor per block. No softcap (its derivative needs the capped values).
-template <typename Fmt>
+// exp(shift1 - lse1), one factor per block, which goes into the form's coefficients (with the
+// guard it goes into p and q: the guard tests p > 0). No softcap (its derivative needs the
+// capped values).
+template <typename Fmt, bool kSmoothing, bool kGuard>
 void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
                       int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
                       const Options& o, const RowCache& cache) {
@@ -403,33 +612,53 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
   float label1 = 0.0f, label2 = 0.0f, p_y = 0.0f, q_y = 0.0f;  // read before dz overwrites z
   const bool label_here = o.has_target && load_pair<Fmt, false>(z1, z2, y, 0.0f, label1, label2);
   if (o.has_target) {
+    const int64_t start = y / kBlock * kBlock;
+    const int64_t at = start + lane_major<Fmt>(y - start, std::min(kBlock, o.vocab - start));
     float f1, f2;
     factors(y / kBlock, f1, f2);
-    p_y = cache.e1[y] * f1;
-    q_y = cache.e2[y] * f2;
+    p_y = cache.e1[at] * f1;
+    q_y = cache.e2[at] * f2;
   }
   for (int64_t start = 0; start < o.vocab; start += kBlock) {
     const int64_t len = std::min(kBlock, o.vocab - start);
     float f1, f2;
     factors(start / kBlock, f1, f2);
-    const float* e1 = cache.e1 + start;
-    const float* e2 = cache.e2 + start;
-#pragma omp simd
-    for (int64_t j = 0; j < len; ++j) {
-      float a, b, g1, g2;
-      const bool here = load_pair<Fmt, false>(z1 + start, z2 + start, j, 0.0f, a, b);
-      grads_of<false>(e1[j] * f1, e2[j] * f2, a, b, here, f.smooth, f, 0.0f, g1, g2);
-      dz1[start + j] = Fmt::store(g1);
-      dz2[start + j] = Fmt::store(g2);
-    }
+    const GradForm fs = kGuard ? f : f.scaled(f1, f2);
+    const float s1 = kGuard ? f1 : 1.0f, s2 = kGuard ? f2 : 1.0f;
+    by_words<Fmt>(len, [&](auto tag, int64_t at, int64_t count) {
+      using W = typename decltype(tag)::type;
+      const int64_t i = start + at;
+      grads_words<W, false, kSmoothing, kGuard, true>(z1 + i, z2 + i, dz1 + i, dz2 + i, count,
+                                                      cache.e1 + i, cache.e2 + i, s1, s2, fs, 0.0f);
+    });
   }
   if (o.has_target) {
-    float g1, g2;
-    grads_of<false>(p_y, q_y, label1, label2, label_here, 1.0f - o.eps + f.smooth, f, 0.0f, g1,
-                    g2);
-    dz1[y] = Fmt::store(g1);
-    dz2[y] = Fmt::store(g2);
+    label_grads<Fmt, false>(dz1, dz2, y, p_y, q_y, label1, label2, label_here, f, o);
   }
+}
+
+// This thread's RowCache for rows of `vocab` entries (kept between calls; 8 bytes per entry).
+inline RowCache row_cache(int64_t vocab) {
+  thread_local std::vector<float> buffer;
+  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
+  if (static_cast<int64_t>(buffer.size()) < 2 * (vocab + blocks)) buffer.resize(2 * (vocab + blocks));
+  float* data = buffer.data();
+  return {data, data + vocab, data + 2 * vocab, data + 2 * vocab + blocks};
+}
+
+// A row's stats, then its gradients from the exponentials that the stats pass kept: one exp per
+// entry and pass, and each row read twice while it is in cache. No softcap.
+template <typename Fmt, bool kSmoothing>
+RowStats stats_and_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
+                         int64_t y, float c_ce1, float c_ce2, float c_kl, const Options& o) {
+  const RowCache cache = row_cache(o.vocab);
+  const RowStats st = row_stats<Fmt, false, kSmoothing, true>(z1, z2, y, o, cache);
+  if (st.guarded) {
+    row_grads_cached<Fmt, kSmoothing, true>(z1, z2, dz1, dz2, y, st, c_ce1, c_ce2, c_kl, o, cache);
+  } else {
+    row_grads_cached<Fmt, kSmoothing, false>(z1, z2, dz1, dz2, y, st, c_ce1, c_ce2, c_kl, o, cache);
+  }
+  return st;
 }
 
 template <typename Fmt>
@@ -452,15 +681,6 @@ inline void store_row(const RowStats& st, float* parts, float* stats, int64_t n_
   const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
   for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
   for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
-}
-
-// This thread's RowCache for rows of `vocab` entries (kept between calls; 8 bytes per entry).
-inline RowCache row_cache(int64_t vocab) {
-  thread_local std::vector<float> buffer;
-  const int64_t blocks = (vocab + kBlock - 1) / kBlock;
-  if (static_cast<int64_t>(buffer.size()) < 2 * (vocab + blocks)) buffer.resize(2 * (vocab + blocks));
-  float* data = buffer.data();
-  return {data, data + vocab, data + 2 * vocab, data + 2 * vocab + blocks};
 }
 
 // Where the forward pass writes the gradients of row_weight * (CE_1 + CE_2 + alpha * symKL):
@@ -495,13 +715,12 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
     const int64_t y = o.has_target ? target[row] : 0;
     const bool smoothing = o.has_target && o.eps > 0.0f;
     if constexpr (!kSoftcap) {
-      if (out.row_weight) {  // stats and gradients from one exp per entry and pass
-        const RowCache cache = row_cache(o.vocab);
-        const RowStats st = smoothing ? row_stats<Fmt, false, true, true>(r1, r2, y, o, cache)
-                                      : row_stats<Fmt, false, false, true>(r1, r2, y, o, cache);
-        store_row(st, parts, stats, n_rows, row);
+      if (out.row_weight) {
         const float w = out.row_weight[row];
-        row_grads_cached<Fmt>(r1, r2, d1, d2, y, st, w, w, out.alpha * w, o, cache);
+        const RowStats st =
+            smoothing ? stats_and_grads<Fmt, true>(r1, r2, d1, d2, y, w, w, out.alpha * w, o)
+                      : stats_and_grads<Fmt, false>(r1, r2, d1, d2, y, w, w, out.alpha * w, o);
+        store_row(st, parts, stats, n_rows, row);
         continue;
       }
     }
@@ -558,11 +777,6 @@ void advise_huge_pages(void* data, int64_t bytes) {
 }
 
 enum DType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
-
-template <typename T>
-struct Tag {
-  using type = T;
-};
 
 // Calls f(Tag<Fmt>{}, std::bool_constant<softcap>{}) for the element format and softcap flag.
 template <typename F>
