@@ -2,13 +2,19 @@
 the loss and every parameter gradient against "model on [x; x] -> logits -> reference", with
 and without PEFT LoRA; RDropTrainer's gradient accumulation; torch.compile."""
 
+import warnings
+
 import pytest
 import torch
 
 transformers = pytest.importorskip("transformers")
 
 import fastrdrop  # noqa: E402
-from fastrdrop.integrations.transformers import RDropTrainer, rdrop_causal_lm_loss  # noqa: E402
+from fastrdrop.integrations.transformers import (  # noqa: E402
+    NoDropoutWarning,
+    RDropTrainer,
+    rdrop_causal_lm_loss,
+)
 
 VOCAB = 101
 
@@ -35,11 +41,15 @@ def gradients(model):
     return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-def with_lora(model, head=False):
+def with_lora(model, head=False, dropout=0.1):
     peft = pytest.importorskip("peft")
     modules = ["q_proj", "v_proj"] + (["lm_head"] if head else [])
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=0.1)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=modules, lora_dropout=dropout)
     return peft.get_peft_model(model, config)
+
+# Tests that run without dropout on purpose (one model for both passes) silence its warning.
+no_dropout_on_purpose = pytest.mark.filterwarnings("ignore::" + NoDropoutWarning.__module__
+                                                   + ".NoDropoutWarning")
 
 
 # lora-head: an adapter on lm_head, so the logits of both passes go to stacked_rdrop_loss
@@ -77,6 +87,7 @@ def test_matches_logits_then_reference(variant):
                                    msg=f"gradient of {name}")
 
 
+@no_dropout_on_purpose
 def test_final_logit_softcap_of_the_config():
     # Gemma 2 caps its logits (final_logit_softcapping): the fused path applies the same cap.
     torch.manual_seed(0)
@@ -92,6 +103,30 @@ def test_final_logit_softcap_of_the_config():
     assert logits.abs().max() <= 2.0  # the model's own logits are capped
     expected = fastrdrop.reference.rdrop_loss(logits[:3, :-1], logits[3:, :-1], labels[:, 1:])
     torch.testing.assert_close(parts.loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("attention_dropout", "lora_dropout", "training", "warns"), [
+    (0.0, None, True, True),    # a stock Llama config: no dropout anywhere
+    (0.1, None, True, False),   # the config's attention dropout (applied with no module)
+    (0.1, None, False, True),   # evaluation mode: no dropout runs
+    (0.0, 0.0, True, True),     # LoRA without lora_dropout
+    (0.0, 0.1, True, False),    # LoRA with it
+])
+def test_warns_once_when_no_dropout_is_active(attention_dropout, lora_dropout, training, warns):
+    model = tiny_llama(dropout=attention_dropout)
+    if lora_dropout is not None:
+        model = with_lora(model, dropout=lora_dropout)
+    model.train(training)
+    input_ids, attention_mask, labels = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+    ours = [w for w in caught if w.category is NoDropoutWarning]
+    assert len(ours) == int(warns)
+    if warns:
+        message = str(ours[0].message)
+        assert "attention_dropout" in message and "lora_dropout" in message
 
 
 def test_trainer_gradient_accumulation(tmp_path):
@@ -113,7 +148,9 @@ def test_trainer_gradient_accumulation(tmp_path):
             optim="sgd", lr_scheduler_type="constant", logging_steps=1, report_to=[],
             save_strategy="no", use_cpu=True, disable_tqdm=True, seed=0)
         trainer = RDropTrainer(model=model, args=args, train_dataset=data, rdrop_alpha=1.0)
-        trainer.train()
+        with pytest.warns(NoDropoutWarning) as warned:  # once per model, not per micro-batch
+            trainer.train()
+        assert sum(w.category is NoDropoutWarning for w in warned) == 1
         logs = [entry for entry in trainer.state.log_history if "loss" in entry]
         return dict(model.named_parameters()), logs[0]
 
@@ -126,6 +163,7 @@ def test_trainer_gradient_accumulation(tmp_path):
     assert log_4x1["ce"] == pytest.approx(log_1x4["ce"], rel=1e-4)
 
 
+@no_dropout_on_purpose
 def test_compile_has_no_graph_break_inside_fastrdrop():
     model = tiny_llama(dropout=0.0)
     input_ids, attention_mask, labels = batch()

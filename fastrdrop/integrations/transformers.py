@@ -7,6 +7,8 @@ stacked_rdrop_loss, which writes their gradient into one buffer.
 Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
 """
 
+import warnings
+import weakref
 from typing import Optional
 
 import torch
@@ -18,7 +20,23 @@ from .._common import RDropParts
 from ..linear import linear_rdrop_loss
 from ..loss import stacked_rdrop_loss
 
-__all__ = ["RDropTrainer", "rdrop_causal_lm_loss"]
+__all__ = ["NoDropoutWarning", "RDropTrainer", "rdrop_causal_lm_loss"]
+
+
+class NoDropoutWarning(UserWarning):
+    """The two passes of R-Drop cannot differ: the model has no active dropout."""
+
+
+NO_DROPOUT = (
+    "R-Drop needs dropout, and this model has none active: no dropout module with p > 0 in "
+    "training mode and no dropout probability > 0 in its config. Both passes give the same "
+    "logits, so the KL term is 0 and each step costs two ordinary ones. Turn dropout on: set a "
+    "dropout probability of the model's config when loading it (its name depends on the model: "
+    "attention_dropout, hidden_dropout, resid_pdrop, ...; e.g. "
+    "from_pretrained(name, attention_dropout=0.1)), or lora_dropout > 0 in the LoraConfig, and "
+    "train in training mode (model.train()).")
+
+_warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 
 
 def rdrop_causal_lm_loss(
@@ -55,10 +73,16 @@ def rdrop_causal_lm_loss(
             :func:`fastrdrop.linear_rdrop_loss`.
         model_kwargs: passed on to the model body.
 
+    Warns (:class:`NoDropoutWarning`, once per model) when no dropout is active, as then both
+    passes are the same and R-Drop only doubles the cost.
+
     Returns:
         ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient.
     """
     body, head, softcap = _causal_lm_parts(model)
+    if not torch.compiler.is_compiling() and model not in _warned and not _dropout_active(model):
+        _warned.add(model)  # once per model
+        warnings.warn(NO_DROPOUT, NoDropoutWarning, stacklevel=2)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(
             attention_mask == 0, ignore_index)
@@ -80,6 +104,23 @@ def rdrop_causal_lm_loss(
     if num_items_in_batch is None:
         return parts
     return RDropParts(*(part / num_items_in_batch for part in parts))
+
+
+def _dropout_active(model: nn.Module) -> bool:
+    """Whether the two passes can differ: a dropout module with p > 0 in training mode, or, in
+    training mode, a dropout probability > 0 in the config (models such as Llama apply their
+    attention dropout functionally, with no module). A config entry counts when its name holds
+    "dropout" or "pdrop", except a classifier's."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
+            return True
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if not model.training or config is None:
+        return False
+    return any(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+               for name, value in config.to_dict().items()
+               if ("dropout" in name or "pdrop" in name) and "classifier" not in name)
 
 
 def _causal_lm_parts(model: nn.Module):
