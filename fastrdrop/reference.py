@@ -39,6 +39,11 @@ def rdrop_loss(
     compute_dtype = torch.promote_types(logits1.dtype, torch.float32)
     z1 = logits1.reshape(-1, vocab_size).to(compute_dtype)
     z2 = logits2.reshape(-1, vocab_size).to(compute_dtype)
+    if target is not None:
+        # An ignored token's rows are never read: whatever they hold (NaN included), its loss
+        # and gradient are 0.
+        counted = (target.reshape(-1) != ignore_index)[:, None]
+        z1, z2 = torch.where(counted, z1, 0.0), torch.where(counted, z2, 0.0)
 
     # A position where both logits are -inf (a masked vocabulary entry) is not part of the row.
     absent = torch.isneginf(z1) & torch.isneginf(z2)
