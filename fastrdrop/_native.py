@@ -15,7 +15,7 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-ABI_VERSION = 2  # fastrdrop_cpu_abi_version() of a library with these signatures
+ABI_VERSION = 3  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
     # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;

@@ -53,7 +53,10 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 # SM on an H100, 24 on an H200, ~36 on a B200. The register bound (ptxas's maxnreg; softcap's tanh
 # gets 16 more) is what fits that many programs: left to itself ptxas took 48 to 108 registers and
 # spilled a value per program in a few binaries; with these bounds none spills (Triton 3.6 and
-# 3.9). Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90, without softcap):
+# 3.9). Rows that are not aligned (scalar loads, a mask per element: V = 50257, or a row offset
+# that is not a multiple of 16 bytes) have bounds of their own: at 48 the fp32 forward spilled 8
+# bytes on sm_100 (at 56 it takes 54), and at 88 so did the 16-bit forward (at 80, none).
+# Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90, without softcap):
 # benchmarks/results/codegen/codegen.md.
 #
 #   V > 1024, 16-bit: 2048 x 256, 80 / 64 registers (forward, which includes the in-place pass,
@@ -69,17 +72,19 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 # quack keeps 128-bit vectors and 128 (V <= 16k) or 256 threads, but holds the whole row on chip,
 # across a cluster of up to 16 SMs for long rows. Timing the candidates on a GPU is owed (README).
 LAUNCH_TABLE = {
-    # max V, bytes per element: BLOCK, threads, NVIDIA registers (forward, backward)
-    (1024, 4): (256, 64, (128, 128)),
-    (1024, 2): (512, 64, (128, 128)),
-    (None, 4): (1024, 256, (48, 48)),
-    (None, 2): (2048, 256, (80, 64)),
+    # max V, bytes per element: BLOCK, threads, NVIDIA registers (forward, backward) for aligned
+    # rows, and for rows that are not
+    (1024, 4): (256, 64, (128, 128), (128, 128)),
+    (1024, 2): (512, 64, (128, 128), (128, 128)),
+    (None, 4): (1024, 256, (48, 48), (56, 48)),
+    (None, 2): (2048, 256, (80, 64), (80, 64)),
 }
 
 
-def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple[int, int, tuple[int, int]]:
+def launch_config(vocab_size: int, dtype: torch.dtype) -> tuple:
     """(BLOCK, threads per program, NVIDIA registers per thread for the forward and backward
-    kernels) of the Triton kernels for rows of ``vocab_size`` entries."""
+    kernels on aligned rows, the same on other rows) of the Triton kernels for rows of
+    ``vocab_size`` entries."""
     elem = torch.finfo(dtype).bits // 8
     for (max_vocab, elem_bytes), config in LAUNCH_TABLE.items():
         if elem_bytes == elem and (max_vocab is None or vocab_size <= max_vocab):
@@ -96,14 +101,16 @@ def gpu_target(device: torch.device):
         return triton.runtime.driver.active.get_current_target()
 
 
-def _launch_options(kernel: str, z: Tensor, softcap: Optional[float]) -> dict:
-    """BLOCK and the compile options of a launch of ``kernel`` ("forward", "backward" or
-    "scale") on the rows of z."""
-    block, threads, registers = launch_config(z.shape[1], z.dtype)
+def _launch_options(kernel: str, z: Tensor, softcap: Optional[float], aligned: bool) -> dict:
+    """BLOCK, ALIGNED and the compile options of a launch of ``kernel`` ("forward", "backward"
+    or "scale") on the rows of z."""
+    block, threads, aligned_registers, other_registers = launch_config(z.shape[1], z.dtype)
+    registers = aligned_registers if aligned else other_registers
     target = gpu_target(z.device)
     warp_size = 32 if target is None else target.warp_size  # 64 on AMD CDNA
     # fused multiply-add on, whatever Triton's default (3.10 turns it off unless asked)
-    options = dict(BLOCK=block, num_warps=max(threads // warp_size, 1), enable_fp_fusion=True)
+    options = dict(BLOCK=block, ALIGNED=aligned, num_warps=max(threads // warp_size, 1),
+                   enable_fp_fusion=True)
     if target is not None and target.backend == "cuda":
         options["maxnreg"] = registers[kernel == "backward"] + (16 if softcap is not None else 0)
     return options
@@ -146,8 +153,8 @@ def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, labe
             z1.stride(0), z2.stride(0), dz1.stride(0), dz2.stride(0),
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0, alpha,
             int(grads is not None),
-            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2, dz1, dz2),
-            **_launch_options("forward", z1, softcap),
+            SOFTCAP=softcap is not None,
+            **_launch_options("forward", z1, softcap, rows_aligned(z1, z2, dz1, dz2)),
         )
 
 
@@ -162,8 +169,8 @@ def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, 
             n_rows, vocab_size,
             z1.stride(0), z2.stride(0), dz1.stride(0),
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0,
-            SOFTCAP=softcap is not None, ALIGNED=rows_aligned(z1, z2, dz1, dz2),
-            **_launch_options("backward", z1, softcap),
+            SOFTCAP=softcap is not None,
+            **_launch_options("backward", z1, softcap, rows_aligned(z1, z2, dz1, dz2)),
         )
 
 
@@ -174,8 +181,7 @@ def _triton_scale_rows(z1, z2, scale):
             z1, z2, scale,
             vocab_size, z1.stride(0), z2.stride(0),
             scale.stride(0) if scale.numel() > 1 else 0,
-            ALIGNED=rows_aligned(z1, z2),
-            **_launch_options("scale", z1, None),
+            **_launch_options("scale", z1, None, rows_aligned(z1, z2)),
         )
 
 
@@ -209,8 +215,8 @@ def halves(logits1: Tensor, logits2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
 
 def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
                  softcap, backend, grads=None):
-    """Per-row parts [3, N] and stats [5, N] of logits [N, V] (logits2 None: logits1 [2N, V]
-    holds both passes); with ``grads`` (two tensors, or one for stacked logits), also the
+    """Per-row parts [3, N] and stats [N_STATS, N] of logits [N, V] (logits2 None: logits1
+    [2N, V] holds both passes); with ``grads`` (two tensors, or one for stacked logits), also the
     gradients of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r written into them."""
     z1, z2 = halves(logits1, logits2)
     check_target_values(target, z1.shape[1], ignore_index, backend)
@@ -226,8 +232,8 @@ def rdrop_forward(
     logits1: Tensor, logits2: Optional[Tensor], target: Optional[Tensor], ignore_index: int,
     label_smoothing: float, softcap: Optional[float], backend: str,
 ) -> tuple[Tensor, Tensor]:
-    """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [5, N] of logits [N, V] (logits2 None:
-    logits1 [2N, V] holds both)."""
+    """Per-row parts [3, N] (CE_1, CE_2, symKL) and stats [N_STATS, N] of logits [N, V]
+    (logits2 None: logits1 [2N, V] holds both)."""
     return forward_rows(logits1, logits2, target, None, 0.0, ignore_index, label_smoothing,
                         softcap, backend)
 
@@ -294,6 +300,11 @@ def _(logits, target, stats, grad_parts, ignore_index, label_smoothing, softcap,
     return _empty_like_rows(logits)
 
 
+# Per-row stats of the forward pass, what the backward pass needs (triton_kernels.py, rdrop.cpp):
+# m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok
+N_STATS = 8
+
+
 def _empty_like_rows(logits: Tensor) -> Tensor:
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
@@ -301,7 +312,7 @@ def _empty_like_rows(logits: Tensor) -> Tensor:
 def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
     n_rows = logits.shape[0]
     parts = torch.empty((3, n_rows), dtype=torch.float32, device=logits.device)
-    stats = torch.empty((5, n_rows), dtype=torch.float32, device=logits.device)
+    stats = torch.empty((N_STATS, n_rows), dtype=torch.float32, device=logits.device)
     return parts, stats
 
 

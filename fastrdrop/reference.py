@@ -39,14 +39,18 @@ def rdrop_loss(
     compute_dtype = torch.promote_types(logits1.dtype, torch.float32)
     z1 = logits1.reshape(-1, vocab_size).to(compute_dtype)
     z2 = logits2.reshape(-1, vocab_size).to(compute_dtype)
-    if target is not None:
-        # An ignored token's rows are never read: whatever they hold (NaN included), its loss
-        # and gradient are 0.
-        counted = (target.reshape(-1) != ignore_index)[:, None]
-        z1, z2 = torch.where(counted, z1, 0.0), torch.where(counted, z2, 0.0)
-
     # A position where both logits are -inf (a masked vocabulary entry) is not part of the row.
-    absent = torch.isneginf(z1) & torch.isneginf(z2)
+    masked = torch.isneginf(z1) & torch.isneginf(z2)
+    # Rows never read: an ignored token's (its loss and gradient are 0 whatever it holds, NaN
+    # included), and a row with nothing present (its KL is the empty sum, 0; a label there has
+    # probability 0, see below). They are replaced by zeros, so that no NaN from them reaches a
+    # gradient through 0 * NaN.
+    unread = masked.all(-1)
+    if target is not None:
+        unread = unread | (target.reshape(-1) == ignore_index)
+    z1 = torch.where(unread[:, None], 0.0, z1)
+    z2 = torch.where(unread[:, None], 0.0, z2)
+    absent = masked & ~unread[:, None]
     if softcap is not None:
         z1 = (softcap * torch.tanh(z1 / softcap)).masked_fill(absent, float("-inf"))
         z2 = (softcap * torch.tanh(z2 / softcap)).masked_fill(absent, float("-inf"))
@@ -62,6 +66,13 @@ def rdrop_loss(
     kl_12 = F.kl_div(logp2, logp1, reduction="none", log_target=True).sum(-1)
     kl_21 = F.kl_div(logp1, logp2, reduction="none", log_target=True).sum(-1)
     kl = 0.5 * (kl_12 + kl_21)
+    # A -inf in one pass only is probability 0 on that side alone: the KL is +inf, where
+    # kl_div makes 0 * -inf = NaN of it. A row with NaN or +inf, or a pass with no finite entry,
+    # has no distribution: NaN.
+    one_sided = (torch.isneginf(z1) ^ torch.isneginf(z2)).any(-1)
+    undefined = ((z1.isnan() | z2.isnan() | z1.isposinf() | z2.isposinf()).any(-1)
+                 | z1.isneginf().all(-1) | z2.isneginf().all(-1))
+    kl = torch.where(one_sided & ~undefined, float("inf"), kl)
 
     if target is None:
         ce1 = ce2 = torch.zeros_like(kl)
@@ -79,6 +90,12 @@ def rdrop_loss(
         ce2 = poison * _cross_entropy(logp2_full, logp2, labels, counted, n_present, ignore_index,
                                       label_smoothing)
         kl = poison * torch.where(counted, kl, 0.0)  # an ignored token adds to neither term
+        # A label on an absent entry has probability 0: its cross entropy is +inf.
+        label_absent = counted & masked.gather(1, labels.masked_fill(~counted, 0)[:, None])[:, 0]
+        ce1 = torch.where(label_absent, float("inf"), ce1)
+        ce2 = torch.where(label_absent, float("inf"), ce2)
+    # A token whose loss is not finite has no gradient: both of its rows get NaN.
+    kl = _NaNGradientRows.apply(kl, ce1 + ce2 + kl, logits1, logits2)
 
     batch_shape = logits1.shape[:-1]
     weights = row_weights(target, batch_shape, ignore_index, reduction, kl.device, compute_dtype)
@@ -104,3 +121,24 @@ def _cross_entropy(
         return nll
     smooth = -logp.sum(-1) / n_present
     return torch.where(counted, (1.0 - label_smoothing) * nll + label_smoothing * smooth, 0.0)
+
+
+class _NaNGradientRows(torch.autograd.Function):
+    """``x`` [N] as it is, whose backward pass also gives both logits [..., V] NaN gradient rows
+    where ``row_loss`` [N] is not finite (a loss of NaN or inf has no gradient), 0 elsewhere."""
+
+    @staticmethod
+    def forward(ctx, x, row_loss, logits1, logits2):
+        ctx.not_finite = ~torch.isfinite(row_loss)
+        ctx.like = (logits1.shape, logits1.dtype), (logits2.shape, logits2.dtype)
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        rows = []
+        for (shape, dtype), needed in zip(ctx.like, ctx.needs_input_grad[2:], strict=True):
+            row = torch.zeros(shape, dtype=dtype, device=grad.device) if needed else None
+            if row is not None:
+                row.view(-1, shape[-1]).masked_fill_(ctx.not_finite[:, None], float("nan"))
+            rows.append(row)
+        return grad, None, *rows

@@ -1,10 +1,13 @@
 """Triton kernels of the fused R-Drop loss: only ``@triton.jit`` code lives here.
 
 Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after the optional softcap
-``z = c * tanh(x / c)``; ``e_y`` is the one-hot of the label ``y``; ``eps`` the label smoothing:
+``z = c * tanh(x / c)``; ``e_y`` is the one-hot of the label ``y``; ``eps`` the label smoothing.
+Each pass's log-sum-exp is kept as two numbers, its maximum ``m_k`` and ``log s_k`` with
+``s_k = sum exp(z_k - m_k)``, so that ``p = exp((z1 - m1) - log s1)`` loses nothing to the rounding
+of a large ``lse = m + log s`` (which has an absolute error of |lse| * 2^-24):
 
-    lse_k = log sum exp z_k        p = exp(z1 - lse1)        q = exp(z2 - lse2)        D = z1 - z2
-    CE_k  = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+    p = exp(z1 - m1 - log s1)        q = exp(z2 - m2 - log s2)        D = z1 - z2
+    CE_k  = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'),  sigma_k = sum (z_k - m_k)
     symKL = 1/2 sum (p - q) D = 1/2 (E_p[D] - E_q[D])                  (because sum p - q = 0)
 
     dz1 = c_ce1 (p - (1 - eps) e_y - eps / V') + c_kl / 2 (p (D - E_p[D]) + p - q)
@@ -13,12 +16,18 @@ Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after 
 ``c_ce1, c_ce2, c_kl`` are the row's upstream gradients of ``CE_1, CE_2, symKL``. With softcap the
 gradient is multiplied by ``1 - (z / c)^2``. A position where both raw logits are -inf (a masked
 vocabulary entry) is absent from the row: it adds nothing to any sum, gets gradient 0, and ``V'``
-counts the present positions only. All math is fp32 whatever the input dtype. A label outside
-[0, V) that is not ignore_index makes its row's parts and gradients NaN; it is never read.
+counts the present positions only; a row with no present position has symKL = 0 (the empty sum).
+All math is fp32 whatever the input dtype.
 
-Per-row statistics kept for the backward pass (``stats``, shape [5, n_rows]):
-``lse1, lse2, E_p[D], E_q[D], V'``. Per-row loss parts (``parts``, shape [3, n_rows]):
-``CE_1, CE_2, symKL``, all 0 for an ignored row.
+Rows whose loss is not finite: NaN or +inf in a row makes its loss NaN, a -inf in one pass only
+makes it +inf, as does a label on an absent entry. Such a row's gradients are NaN, whole rows. A
+label outside [0, V) that is not ignore_index makes its row's parts and gradients NaN; it is never
+read.
+
+Per-row statistics kept for the backward pass (``stats``, shape [8, n_rows]):
+``m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok`` (row_ok: 1, or 0 where the loss is not
+finite). Per-row loss parts (``parts``, shape [3, n_rows]): ``CE_1, CE_2, symKL``, all 0 for an
+ignored row.
 
 Specialisation. Triton compiles one binary per value of the constexpr flags (UPPER_CASE) and per
 property of the arguments it specialises on. Here no argument is specialised: sizes, strides,
@@ -98,27 +107,31 @@ def _store_grad(ptr, x, mask):
 
 
 @triton.jit
-def _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK: tl.constexpr):
+def _fill_rows(dz1_row_ptr, dz2_row_ptr, V, value, BLOCK: tl.constexpr):
+    """Both gradient rows set to ``value``: 0 for an ignored row, NaN where the loss is not
+    finite."""
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
-        zeros = tl.zeros([BLOCK], dtype=tl.float32)
-        tl.store(dz1_row_ptr + offs, zeros.to(dz1_row_ptr.dtype.element_ty), mask=offs < V)
-        tl.store(dz2_row_ptr + offs, zeros.to(dz2_row_ptr.dtype.element_ty), mask=offs < V)
+        fill = tl.full([BLOCK], value, dtype=tl.float32)
+        tl.store(dz1_row_ptr + offs, fill.to(dz1_row_ptr.dtype.element_ty), mask=offs < V)
+        tl.store(dz2_row_ptr + offs, fill.to(dz2_row_ptr.dtype.element_ty), mask=offs < V)
 
 
 @triton.jit
 def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
                SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One streaming pass over a row: (CE_1, CE_2, symKL, lse1, lse2, E_p[D], E_q[D], V')."""
-    # 1. online max m_k, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) * D, over vocab blocks
+    """One streaming pass over a row: (CE_1, CE_2, symKL) and the stats
+    (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok)."""
+    # 1. online max m_k, and over vocab blocks, relative to it: s_k = sum exp(z_k - m_k),
+    #    t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0)
     m1 = NEG_INF
     m2 = NEG_INF
     s1 = 0.0
     s2 = 0.0
     t1 = 0.0
     t2 = 0.0
-    sum_z1 = 0.0
-    sum_z2 = 0.0
+    sigma1 = 0.0
+    sigma2 = 0.0
     n_present = 0.0
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
@@ -138,22 +151,26 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
         # 0 * inf := 0: a zero probability adds nothing even where D is infinite
         t1 = t1 * rescale1 + tl.sum(tl.where(e1 > 0, e1 * d, 0.0), 0)
         t2 = t2 * rescale2 + tl.sum(tl.where(e2 > 0, e2 * d, 0.0), 0)
+        if eps > 0:  # label smoothing (0 without target); a uniform branch
+            # sum (z - shift) is exact enough where sum z is not (|z| ~ 1e4 over 1e5 entries)
+            old1 = tl.where(m1 == NEG_INF, 0.0, m1)
+            old2 = tl.where(m2 == NEG_INF, 0.0, m2)
+            sigma1 += tl.sum(tl.where(present, z1 - shift1, 0.0), 0) - n_present * (shift1 - old1)
+            sigma2 += tl.sum(tl.where(present, z2 - shift2, 0.0), 0) - n_present * (shift2 - old2)
+            n_present += tl.sum(present.to(tl.float32), 0)
         m1 = m1_new
         m2 = m2_new
-        if eps > 0:  # label smoothing (0 without target); a uniform branch
-            sum_z1 += tl.sum(tl.where(present, z1, 0.0), 0)
-            sum_z2 += tl.sum(tl.where(present, z2, 0.0), 0)
-        n_present += tl.sum(present.to(tl.float32), 0)
 
-    # 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2
-    lse1 = m1 + tl.log(s1)
-    lse2 = m2 + tl.log(s2)
+    # 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, and 0 for a
+    #    row with nothing present (both s_k are 0 only then)
+    log_s1 = tl.log(s1)
+    log_s2 = tl.log(s2)
     ep = t1 / s1
     eq = t2 / s2
-    kl = 0.5 * (ep - eq)
+    kl = tl.where((s1 == 0) & (s2 == 0), 0.0, 0.5 * (ep - eq))
 
-    # 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k; every part NaN for a label outside
-    # [0, V), which is not read
+    # 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'); every part NaN for a
+    #    label outside [0, V), which is not read
     ce1 = 0.0
     ce2 = 0.0
     if has_target:
@@ -165,33 +182,42 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
             label_absent = (zy1 == NEG_INF) & (zy2 == NEG_INF)
             zy1 = tl.where(label_absent, NEG_INF, _softcap(zy1, softcap))
             zy2 = tl.where(label_absent, NEG_INF, _softcap(zy2, softcap))
-        # (lse - z_y) + eps (z_y - mean z): the same, but exactly 0 where it is 0 (V' = 1)
-        ce1 = lse1 - zy1
-        ce2 = lse2 - zy2
-        if eps > 0:  # a label on an absent entry keeps its infinite cross entropy
-            ce1 += eps * tl.where(zy1 == NEG_INF, 0.0, zy1 - sum_z1 / n_present)
-            ce2 += eps * tl.where(zy2 == NEG_INF, 0.0, zy2 - sum_z2 / n_present)
+        # a_k = z_k[y] - m_k: exact where it matters; -inf for a label of probability 0
+        a1 = tl.where(zy1 == NEG_INF, NEG_INF, zy1 - m1)
+        a2 = tl.where(zy2 == NEG_INF, NEG_INF, zy2 - m2)
+        # (log s - a) + eps (a - sigma / V'): exactly 0 where it is 0 (V' = 1); a label of
+        # probability 0 has an infinite cross entropy (also in a row with nothing present)
+        ce1 = tl.where(a1 == NEG_INF, float("inf"), log_s1 - a1)
+        ce2 = tl.where(a2 == NEG_INF, float("inf"), log_s2 - a2)
+        if eps > 0:
+            ce1 += eps * tl.where(a1 == NEG_INF, 0.0, a1 - sigma1 / n_present)
+            ce2 += eps * tl.where(a2 == NEG_INF, 0.0, a2 - sigma2 / n_present)
         ce1 = tl.where(label_ok, ce1, float("nan"))
         ce2 = tl.where(label_ok, ce2, float("nan"))
         kl = tl.where(label_ok, kl, float("nan"))
-    return ce1, ce2, kl, lse1, lse2, ep, eq, n_present
+    # 4. a row whose loss is not finite gets NaN gradients: |x| < inf is false for NaN too
+    row_ok = (tl.abs(ce1 + ce2 + kl) < float("inf")).to(tl.float32)
+    return ce1, ce2, kl, m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok
 
 
 @triton.jit
 def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
-               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap,
-               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2).
-    Without target the CE part vanishes (y = -1 and c_ce = 0): no branch, no other binary."""
+               m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok, c_ce1, c_ce2, c_kl, eps,
+               softcap, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2);
+    NaN rows where the loss is not finite. Without target the CE part vanishes (c_ce = 0): no
+    branch, no other binary."""
     c_ce1 = tl.where(has_target, c_ce1, 0.0)
     c_ce2 = tl.where(has_target, c_ce2, 0.0)
-    label_ok = ((y >= 0) & (y < V)) | (not has_target)
     smoothing = tl.where(eps > 0, eps / n_present, 0.0)
+    # added to every entry: 0, or NaN where the loss is not finite (a value, not a branch, which
+    # would take registers of its own)
+    poison = tl.where(row_ok != 0, 0.0, float("nan"))
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
-        p = tl.exp(z1 - lse1)
-        q = tl.exp(z2 - lse2)
+        p = tl.exp(z1 - m1 - log_s1)
+        q = tl.exp(z2 - m2 - log_s2)
         d = z1 - z2
         # KL part: dz1 = c_kl/2 (p (D - E_p[D]) + p - q), dz2 = -c_kl/2 (q (D - E_q[D]) + p - q)
         p_d = tl.where(p > 0, p * (d - ep), 0.0)
@@ -206,18 +232,14 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
             # d/dx c tanh(x / c) = 1 - (z / c)^2
             dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
             dz2 *= 1.0 - (z2 / softcap) * (z2 / softcap)
-        dz1 = tl.where(present, dz1, 0.0)
-        dz2 = tl.where(present, dz2, 0.0)
-        dz1 = tl.where(label_ok, dz1, float("nan"))
-        dz2 = tl.where(label_ok, dz2, float("nan"))
-        _store_grad(dz1_row_ptr + offs, dz1, offs < V)
-        _store_grad(dz2_row_ptr + offs, dz2, offs < V)
+        _store_grad(dz1_row_ptr + offs, tl.where(present, dz1, 0.0) + poison, offs < V)
+        _store_grad(dz2_row_ptr + offs, tl.where(present, dz2, 0.0) + poison, offs < V)
 
 
 @_jit
 def _rdrop_fwd_kernel(
     z1_ptr, z2_ptr, target_ptr, row_weight_ptr,       # inputs
-    parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [5, n_rows] fp32
+    parts_ptr, stats_ptr,                              # outputs: [3, n_rows], [8, n_rows] fp32
     dz1_ptr, dz2_ptr,                                  # outputs [n_rows, V] when write_grads
     n_rows, V,                                         # shapes
     z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
@@ -242,30 +264,34 @@ def _rdrop_fwd_kernel(
 
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
-    if has_target & (y == ignore_index):
+    if has_target & (y == ignore_index):  # never read: parts, stats and gradients 0
         for k in range(3):
             tl.store(parts_ptr + k * n_rows + row, 0.0)
-        for k in range(5):
+        for k in range(8):
             tl.store(stats_ptr + k * n_rows + row, 0.0)
         if write_grads != 0:
-            _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
+            _fill_rows(dz1_row_ptr, dz2_row_ptr, V, 0.0, BLOCK)
         return
 
-    ce1, ce2, kl, lse1, lse2, ep, eq, n_present = _row_stats(
+    ce1, ce2, kl, m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok = _row_stats(
         z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap, SOFTCAP, BLOCK)
     tl.store(parts_ptr + row, ce1)
     tl.store(parts_ptr + n_rows + row, ce2)
     tl.store(parts_ptr + 2 * n_rows + row, kl)
-    tl.store(stats_ptr + row, lse1)
-    tl.store(stats_ptr + n_rows + row, lse2)
-    tl.store(stats_ptr + 2 * n_rows + row, ep)
-    tl.store(stats_ptr + 3 * n_rows + row, eq)
-    tl.store(stats_ptr + 4 * n_rows + row, n_present)
+    tl.store(stats_ptr + row, m1)
+    tl.store(stats_ptr + n_rows + row, m2)
+    tl.store(stats_ptr + 2 * n_rows + row, log_s1)
+    tl.store(stats_ptr + 3 * n_rows + row, log_s2)
+    tl.store(stats_ptr + 4 * n_rows + row, ep)
+    tl.store(stats_ptr + 5 * n_rows + row, eq)
+    tl.store(stats_ptr + 6 * n_rows + row, n_present)
+    tl.store(stats_ptr + 7 * n_rows + row, row_ok)
 
     if write_grads != 0:
         w = tl.load(row_weight_ptr + row)  # c_ce1 = c_ce2 = w (unused without target), c_kl = a w
         _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
-                   lse1, lse2, ep, eq, n_present, w, w, alpha * w, eps, softcap, SOFTCAP, BLOCK)
+                   m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok, w, w, alpha * w, eps,
+                   softcap, SOFTCAP, BLOCK)
 
 
 @_jit
@@ -289,19 +315,23 @@ def _rdrop_bwd_kernel(
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
     if has_target & (y == ignore_index):
-        _fill_zeros(dz1_row_ptr, dz2_row_ptr, V, BLOCK)
+        _fill_rows(dz1_row_ptr, dz2_row_ptr, V, 0.0, BLOCK)
         return
 
-    lse1 = tl.load(stats_ptr + row)
-    lse2 = tl.load(stats_ptr + n_rows + row)
-    ep = tl.load(stats_ptr + 2 * n_rows + row)
-    eq = tl.load(stats_ptr + 3 * n_rows + row)
-    n_present = tl.load(stats_ptr + 4 * n_rows + row)
+    m1 = tl.load(stats_ptr + row)
+    m2 = tl.load(stats_ptr + n_rows + row)
+    log_s1 = tl.load(stats_ptr + 2 * n_rows + row)
+    log_s2 = tl.load(stats_ptr + 3 * n_rows + row)
+    ep = tl.load(stats_ptr + 4 * n_rows + row)
+    eq = tl.load(stats_ptr + 5 * n_rows + row)
+    n_present = tl.load(stats_ptr + 6 * n_rows + row)
+    row_ok = tl.load(stats_ptr + 7 * n_rows + row)
     c_ce1 = tl.load(grad_parts_ptr + row)
     c_ce2 = tl.load(grad_parts_ptr + n_rows + row)
     c_kl = tl.load(grad_parts_ptr + 2 * n_rows + row)
     _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
-               lse1, lse2, ep, eq, n_present, c_ce1, c_ce2, c_kl, eps, softcap, SOFTCAP, BLOCK)
+               m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok, c_ce1, c_ce2, c_kl, eps,
+               softcap, SOFTCAP, BLOCK)
 
 
 @_jit

@@ -1,10 +1,12 @@
 // Native CPU kernel of the fused R-Drop loss: OpenMP across rows, SIMD across the vocabulary.
 //
 // Math, per row (DESIGN.md section 2). z1, z2 are one row of each pass, after the optional
-// softcap z = c * tanh(x / c); e_y is the one-hot of the label y; eps the label smoothing:
+// softcap z = c * tanh(x / c); e_y is the one-hot of the label y; eps the label smoothing. Each
+// pass's log-sum-exp is kept as its maximum m_k and log s_k, s_k = sum exp(z_k - m_k), so that p
+// loses nothing to the rounding of a large lse = m + log s:
 //
-//     lse_k = log sum exp z_k        p = exp(z1 - lse1)        q = exp(z2 - lse2)        D = z1 - z2
-//     CE_k  = lse_k - (1 - eps) z_k[y] - eps / V' * sum z_k
+//     p = exp(z1 - m1 - log s1)        q = exp(z2 - m2 - log s2)        D = z1 - z2
+//     CE_k  = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'),  sigma_k = sum (z_k - m_k)
 //     symKL = 1/2 sum (p - q) D = 1/2 (E_p[D] - E_q[D])                  (because sum p - q = 0)
 //
 //     dz1 = c_ce1 (p - (1 - eps) e_y - eps / V') + c_kl / 2 (p (D - E_p[D]) + p - q)
@@ -13,11 +15,15 @@
 // c_ce1, c_ce2, c_kl are the row's upstream gradients of CE_1, CE_2, symKL. With softcap the
 // gradient is multiplied by 1 - (z / c)^2. A position where both raw logits are -inf (a masked
 // vocabulary entry) is absent: it adds nothing to any sum, gets gradient 0, and V' counts the
-// present positions only. All math is fp32 whatever the input dtype; the sums over vocabulary
-// blocks are carried in double.
+// present positions only; a row with no present position has symKL = 0 (the empty sum). All math
+// is fp32 whatever the input dtype; the sums over vocabulary blocks are carried in double.
+//
+// A row whose loss is not finite (NaN or +inf in it: NaN; -inf in one pass only, or a label on an
+// absent entry: +inf) gets NaN gradients, whole rows.
 //
 // Per-row outputs, as in the Triton kernels: parts [3, n_rows] = (CE_1, CE_2, symKL), 0 for an
-// ignored row; stats [5, n_rows] = (lse1, lse2, E_p[D], E_q[D], V').
+// ignored row; stats [8, n_rows] = (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok), row_ok 1,
+// or 0 where the loss is not finite.
 //
 // The C API takes raw pointers and sizes only: no libtorch, so the library does not depend on the
 // torch version. Rows may be strided (row stride in elements); the last dim is contiguous.
@@ -250,7 +256,8 @@ struct Options {
 };
 
 struct RowStats {
-  float ce1, ce2, kl, lse1, lse2, ep, eq, n_present;
+  float ce1, ce2, kl, m1, m2, log_s1, log_s2, ep, eq, n_present;
+  bool ok;       // the loss is finite; else the gradients are NaN
   bool guarded;  // D is infinite or NaN somewhere (a -inf logit): see grads_of
 };
 
@@ -298,7 +305,8 @@ inline double rescale(float m_old, float shift) {
 }
 
 // The sums of one block for fixed shifts: s_k = sum exp(z_k - shift_k), t_k = sum exp(z_k -
-// shift_k) D, sum z_k and the count of present entries (smoothing only), and the block's maxima.
+// shift_k) D, sum (z_k - shift_k) and the count of present entries (smoothing only), and the
+// block's maxima.
 struct BlockSums {
   float s1 = 0, s2 = 0, t1 = 0, t2 = 0, z1 = 0, z2 = 0, n = 0, max1 = kNegInf, max2 = kNegInf;
 
@@ -348,8 +356,8 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
       t2 += e2 * d;
     }
     if constexpr (kSmoothing) {
-      sz1 += here ? a : 0.0f;
-      sz2 += here ? b : 0.0f;
+      sz1 += here ? a - shift1 : 0.0f;
+      sz2 += here ? b - shift2 : 0.0f;
       n += here ? 1.0f : 0.0f;
     }
     max1 = std::max(max1, a);
@@ -362,15 +370,19 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
 //    the blocks before it as its shift (the first block finds its own maximum first), in one
 //    pass that also finds the block's maxima; a block that rises more than kHeadroom above its
 //    shift, where exp would come near overflow, is summed again with its own maxima;
-// 2. lse_k = m_k + log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2;
-// 3. CE_k = lse_k - (1 - eps) z_k[y] - eps / V' sum z_k.
+// 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, 0 for a row
+//    with nothing present (both s_k are 0 only then);
+// 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'), with
+//    sigma_k = sum (z_k - m_k) from the blocks' sums (z_k - shift) and their shifts.
 template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
 RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o,
                    const RowCache& cache = {}) {
   constexpr float kHeadroom = 64.0f;  // 2048 * exp(64) stays far below FLT_MAX
   const float cap = o.softcap;
   float m1 = kNegInf, m2 = kNegInf;  // running maxima
+  // sum_z_k: sum (z_k - shift) over the blocks; shifted_k: sum n_block shift (smoothing only)
   double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = o.vocab;
+  double shifted1 = 0, shifted2 = 0;
   if constexpr (kSmoothing) n_present = 0;
   bool guarded = false;
   auto block = [&](const Elem<Fmt>* b1, const Elem<Fmt>* b2, int64_t len, float shift1,
@@ -441,6 +453,8 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
     if constexpr (kSmoothing) {
       sum_z1 += b.z1;
       sum_z2 += b.z2;
+      shifted1 += b.n * static_cast<double>(shift1);
+      shifted2 += b.n * static_cast<double>(shift2);
       n_present += b.n;
     }
     m1 = new_m1;
@@ -448,25 +462,36 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   }
   RowStats r{};
   r.guarded = guarded;
-  const double lse1 = m1 + std::log(s1), lse2 = m2 + std::log(s2);
-  r.lse1 = static_cast<float>(lse1);
-  r.lse2 = static_cast<float>(lse2);
+  const double log_s1 = std::log(s1), log_s2 = std::log(s2);
+  r.m1 = m1;
+  r.m2 = m2;
+  r.log_s1 = static_cast<float>(log_s1);
+  r.log_s2 = static_cast<float>(log_s2);
   r.ep = static_cast<float>(t1 / s1);
   r.eq = static_cast<float>(t2 / s2);
-  r.kl = static_cast<float>(0.5 * (t1 / s1 - t2 / s2));
+  r.kl = s1 == 0 && s2 == 0 ? 0.0f : static_cast<float>(0.5 * (t1 / s1 - t2 / s2));
   r.n_present = static_cast<float>(n_present);  // V' with smoothing, where it is used; else V
   if (o.has_target) {
     float zy1, zy2;
     load_pair<Fmt, kSoftcap>(z1, z2, y, cap, zy1, zy2);
-    double ce1 = lse1 - (1.0 - o.eps) * zy1;
-    double ce2 = lse2 - (1.0 - o.eps) * zy2;
+    // a_k = z_k[y] - m_k: exact where it matters; -inf for a label of probability 0
+    const bool zero1 = zy1 == kNegInf, zero2 = zy2 == kNegInf;
+    const double a1 = zero1 ? kNegInf : static_cast<double>(zy1) - m1;
+    const double a2 = zero2 ? kNegInf : static_cast<double>(zy2) - m2;
+    // (log s - a) + eps (a - sigma / V'): exactly 0 where it is 0 (V' = 1); a label of
+    // probability 0 has an infinite cross entropy (also in a row with nothing present)
+    double ce1 = zero1 ? -kNegInf : log_s1 - a1, ce2 = zero2 ? -kNegInf : log_s2 - a2;
     if constexpr (kSmoothing) {
-      ce1 -= o.eps / n_present * sum_z1;
-      ce2 -= o.eps / n_present * sum_z2;
+      const double ref1 = m1 == kNegInf ? 0.0 : m1, ref2 = m2 == kNegInf ? 0.0 : m2;
+      const double sigma1 = sum_z1 + (shifted1 - n_present * ref1);
+      const double sigma2 = sum_z2 + (shifted2 - n_present * ref2);
+      ce1 += zero1 ? 0.0 : o.eps * (a1 - sigma1 / n_present);
+      ce2 += zero2 ? 0.0 : o.eps * (a2 - sigma2 / n_present);
     }
     r.ce1 = static_cast<float>(ce1);
     r.ce2 = static_cast<float>(ce2);
   }
+  r.ok = std::isfinite(r.ce1 + r.ce2 + r.kl);
   return r;
 }
 
@@ -477,14 +502,14 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
 // with k1 = c_ce1 + h (1 - E_p[D]), k2 = c_ce2 + h (1 + E_q[D]), computed once per row. Given
 // p / s1 and q / s2 in place of p and q, the form scaled(s1, s2) gives the same dz1, dz2.
 struct GradForm {
-  float lse1, lse2;  // the row's stats
+  float m1, m2, log_s1, log_s2;  // the row's stats
   float h1, h2;      // c_kl / 2, times s1 and s2 when scaled
   float k1, k2;      // times s1 and s2 when scaled
   float c1, c2;      // c_ce1, c_ce2
   float smooth;      // eps / V': u away from the label
 
   GradForm scaled(float s1, float s2) const {
-    return {lse1, lse2, h1 * s1, h2 * s2, k1 * s1, k2 * s2, c1, c2, smooth};
+    return {m1, m2, log_s1, log_s2, h1 * s1, h2 * s2, k1 * s1, k2 * s2, c1, c2, smooth};
   }
 };
 
@@ -520,7 +545,8 @@ inline GradForm grad_form(const RowStats& st, float c_ce1, float c_ce2, float c_
                           const Options& o) {
   const float h = 0.5f * c_kl;
   const float c1 = o.has_target ? c_ce1 : 0.0f, c2 = o.has_target ? c_ce2 : 0.0f;
-  return {st.lse1, st.lse2, h, h, c1 + h * (1.0f - st.ep), c2 + h * (1.0f + st.eq), c1, c2,
+  return {st.m1, st.m2, st.log_s1, st.log_s2, h, h, c1 + h * (1.0f - st.ep),
+          c2 + h * (1.0f + st.eq), c1, c2,
           o.has_target && o.eps > 0.0f ? o.eps / st.n_present : 0.0f};
 }
 
@@ -540,8 +566,8 @@ inline void grads_words(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1
     const Word<L> w1 = unpack<Fmt>(z1, k), w2 = unpack<Fmt>(z2, k);
     auto lane = [&](float a, float b, int64_t at) __attribute__((always_inline)) {
       const bool here = present<kSoftcap>(a, b, cap);
-      const float p = kCached ? e1[at] * s1 : vexp(a - f.lse1);
-      const float q = kCached ? e2[at] * s2 : vexp(b - f.lse2);
+      const float p = kCached ? e1[at] * s1 : vexp(a - f.m1 - f.log_s1);
+      const float q = kCached ? e2[at] * s2 : vexp(b - f.m2 - f.log_s2);
       float g1, g2;
       grads_of<kSoftcap, kGuard, kSmoothing>(p, q, a, b, kMasked ? here : true, f.smooth, f, cap,
                                              g1, g2);
@@ -570,10 +596,33 @@ inline void label_grads(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t y, float p_y, fl
   dz2[y] = Fmt::store(g2);
 }
 
+// Both gradient rows set to value: 0 for an ignored row, NaN where the loss is not finite.
+template <typename Fmt>
+void fill_rows(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t vocab, float value) {
+  const Elem<Fmt> stored = Fmt::store(value);
+  std::fill(dz1, dz1 + vocab, stored);
+  std::fill(dz2, dz2 + vocab, stored);
+}
+
+// The rows whose gradients are known without a pass: NaN where the loss is not finite, 0 where
+// nothing is present (no maximum in either pass). Returns whether it filled them.
+template <typename Fmt>
+bool filled(const RowStats& st, Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t vocab) {
+  if (!st.ok) {
+    fill_rows<Fmt>(dz1, dz2, vocab, NAN);
+  } else if (st.m1 == kNegInf && st.m2 == kNegInf) {
+    fill_rows<Fmt>(dz1, dz2, vocab, 0.0f);
+  } else {
+    return false;
+  }
+  return true;
+}
+
 template <typename Fmt, bool kSoftcap>
 void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
                int64_t y, const RowStats& st, float c_ce1, float c_ce2, float c_kl,
                const Options& o) {
+  if (filled<Fmt>(st, dz1, dz2, o.vocab)) return;
   const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
   float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
   const bool label_here =
@@ -591,13 +640,13 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
     run(std::false_type{});
   }
   if (o.has_target) {
-    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp(label1 - f.lse1), vexp(label2 - f.lse2), label1,
-                               label2, label_here, f, o);
+    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp(label1 - f.m1 - f.log_s1),
+                               vexp(label2 - f.m2 - f.log_s2), label1, label2, label_here, f, o);
   }
 }
 
 // row_grads with p and q from the stats pass's exponentials: p = exp(z1 - shift1) times
-// exp(shift1 - lse1), one factor per block, which goes into the form's coefficients (with the
+// exp(shift1 - m1 - log s1), one factor per block, which goes into the form's coefficients (with the
 // guard it goes into p and q: the guard tests p > 0). No softcap (its derivative needs the
 // capped values).
 template <typename Fmt, bool kSmoothing, bool kGuard>
@@ -606,8 +655,8 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
                       const Options& o, const RowCache& cache) {
   const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
   auto factors = [&](int64_t block, float& f1, float& f2) {
-    f1 = static_cast<float>(std::exp(static_cast<double>(cache.shift1[block]) - st.lse1));
-    f2 = static_cast<float>(std::exp(static_cast<double>(cache.shift2[block]) - st.lse2));
+    f1 = static_cast<float>(std::exp(static_cast<double>(cache.shift1[block]) - st.m1 - st.log_s1));
+    f2 = static_cast<float>(std::exp(static_cast<double>(cache.shift2[block]) - st.m2 - st.log_s2));
   };
   float label1 = 0.0f, label2 = 0.0f, p_y = 0.0f, q_y = 0.0f;  // read before dz overwrites z
   const bool label_here = o.has_target && load_pair<Fmt, false>(z1, z2, y, 0.0f, label1, label2);
@@ -653,6 +702,7 @@ RowStats stats_and_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz
                          int64_t y, float c_ce1, float c_ce2, float c_kl, const Options& o) {
   const RowCache cache = row_cache(o.vocab);
   const RowStats st = row_stats<Fmt, false, kSmoothing, true>(z1, z2, y, o, cache);
+  if (filled<Fmt>(st, dz1, dz2, o.vocab)) return st;
   if (st.guarded) {
     row_grads_cached<Fmt, kSmoothing, true>(z1, z2, dz1, dz2, y, st, c_ce1, c_ce2, c_kl, o, cache);
   } else {
@@ -661,26 +711,21 @@ RowStats stats_and_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz
   return st;
 }
 
-template <typename Fmt>
-void fill_zeros(Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t vocab) {
-  for (int64_t j = 0; j < vocab; ++j) {
-    dz1[j] = Fmt::store(0.0f);
-    dz2[j] = Fmt::store(0.0f);
-  }
-}
-
 inline bool ignored(const int64_t* target, int64_t row, const Options& o) {
   return o.has_target && target[row] == o.ignore_index;
 }
 
 // ---- whole batches -----------------------------------------------------------------------------
 
+constexpr int kStats = 8;  // rows of stats
+
 inline void store_row(const RowStats& st, float* parts, float* stats, int64_t n_rows,
                       int64_t row) {
   const float out_parts[3] = {st.ce1, st.ce2, st.kl};
-  const float out_stats[5] = {st.lse1, st.lse2, st.ep, st.eq, st.n_present};
+  const float out_stats[kStats] = {st.m1, st.m2, st.log_s1, st.log_s2, st.ep,
+                                   st.eq, st.n_present, st.ok ? 1.0f : 0.0f};
   for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = out_parts[k];
-  for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = out_stats[k];
+  for (int k = 0; k < kStats; ++k) stats[k * n_rows + row] = out_stats[k];
 }
 
 // Where the forward pass writes the gradients of row_weight * (CE_1 + CE_2 + alpha * symKL):
@@ -708,8 +753,8 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
     Elem<Fmt>* d2 = out.row_weight ? out.dz2 + row * out.stride2 : nullptr;
     if (ignored(target, row, o)) {
       for (int k = 0; k < 3; ++k) parts[k * n_rows + row] = 0.0f;
-      for (int k = 0; k < 5; ++k) stats[k * n_rows + row] = 0.0f;
-      if (out.row_weight) fill_zeros<Fmt>(d1, d2, o.vocab);
+      for (int k = 0; k < kStats; ++k) stats[k * n_rows + row] = 0.0f;
+      if (out.row_weight) fill_rows<Fmt>(d1, d2, o.vocab, 0.0f);
       continue;
     }
     const int64_t y = o.has_target ? target[row] : 0;
@@ -743,15 +788,18 @@ void backward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t
     Elem<Fmt>* d1 = dz1 + row * o.vocab;
     Elem<Fmt>* d2 = dz2 + row * o.vocab;
     if (ignored(target, row, o)) {
-      fill_zeros<Fmt>(d1, d2, o.vocab);
+      fill_rows<Fmt>(d1, d2, o.vocab, 0.0f);
       continue;
     }
     RowStats st{};
-    st.lse1 = stats[row];
-    st.lse2 = stats[n_rows + row];
-    st.ep = stats[2 * n_rows + row];
-    st.eq = stats[3 * n_rows + row];
-    st.n_present = stats[4 * n_rows + row];
+    st.m1 = stats[row];
+    st.m2 = stats[n_rows + row];
+    st.log_s1 = stats[2 * n_rows + row];
+    st.log_s2 = stats[3 * n_rows + row];
+    st.ep = stats[4 * n_rows + row];
+    st.eq = stats[5 * n_rows + row];
+    st.n_present = stats[6 * n_rows + row];
+    st.ok = stats[7 * n_rows + row] != 0.0f;
     row_grads<Fmt, kSoftcap>(z1 + row * stride1, z2 + row * stride2, d1, d2,
                            o.has_target ? target[row] : 0, st, grad_parts[row],
                            grad_parts[n_rows + row], grad_parts[2 * n_rows + row], o);
@@ -805,10 +853,10 @@ int dispatch(int dtype, bool softcap, F&& f) {
 extern "C" {
 
 // Bumped whenever a signature below changes: the loader refuses a stale build.
-FASTRDROP_API int fastrdrop_cpu_abi_version() { return 2; }
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 3; }
 
 // z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
-// NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [5, n_rows]. row_weight: NULL
+// NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [8, n_rows]. row_weight: NULL
 // for the plain forward, else [n_rows], and the gradients go into the rows of dz1, dz2 (row
 // strides dstride1, dstride2), which may be z1, z2 themselves.
 FASTRDROP_API int fastrdrop_cpu_forward(void* z1, void* z2, int64_t stride1, int64_t stride2, int dtype,

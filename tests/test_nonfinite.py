@@ -1,0 +1,152 @@
+"""What every backend does with values that are not finite, and with logits far from 0.
+
+The policy (DESIGN.md section 3, README "Values that are not finite"), per counted token:
+
+- NaN or +inf anywhere in its two rows: its loss is NaN (a row with +inf has no softmax: inf - inf);
+- -inf in one pass only: that entry has probability 0 on one side, so the KL is +inf; a label on an
+  entry of probability 0 has an infinite cross entropy: the loss is +inf;
+- a token whose loss is not finite has NaN gradient rows, both of them, every entry;
+- a row with no present entry (-inf in both passes everywhere) and no target: loss 0, gradient 0;
+- every other token is untouched: the same loss and gradients as with finite values there;
+- an ignored token's rows are never read: loss 0 and gradient 0, whatever they hold.
+"""
+
+import functools
+
+import pytest
+import torch
+
+import fastrdrop
+
+from conftest import DEVICE, fused_backends
+from inputs import labels, logits_pair
+from oracle import assert_oracle_rule, loss_and_grads, oracle_loss
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+NAN, INF = float("nan"), float("inf")
+BACKENDS = [*fused_backends(), "torch"]
+# (backend, in place): the reference has no in-place mode
+MODES = [pytest.param(*p.values, inplace, marks=p.marks, id=f"{p.values[0]}-{mode}")
+         for p in fused_backends() for inplace, mode in ((False, "default"), (True, "inplace"))]
+MODES.append(pytest.param("torch", False, id="torch-default"))
+
+
+def run(backend, inplace, stacked, z1, z2, target, **kwargs):
+    """Per-token loss and the gradients of both logits, through rdrop_loss or, stacked, through
+    stacked_rdrop_loss on one [2N, V] tensor."""
+    a, b = z1.clone().requires_grad_(), z2.clone().requires_grad_()
+    keywords = dict(reduction="none", backend=backend, inplace_backward=inplace, **kwargs)
+    if stacked:
+        loss = fastrdrop.stacked_rdrop_loss(torch.cat([a, b]), target, **keywords)
+    else:
+        loss = fastrdrop.rdrop_loss(a * 1, b * 1, target, **keywords)
+    return (loss.detach(), *torch.autograd.grad(loss.sum(), (a, b)))
+
+
+# Row 0 of each case holds the values; (expected loss of that token, what the reference gives).
+CASES = {
+    "nan in one pass": (lambda z1, z2, y: z1[0].__setitem__(3, NAN), NAN),
+    "+inf in one pass": (lambda z1, z2, y: z2[0].__setitem__(5, INF), NAN),
+    "+inf in both": (lambda z1, z2, y: (z1[0].__setitem__(5, INF), z2[0].__setitem__(5, INF)),
+                     NAN),
+    "-inf in one pass": (lambda z1, z2, y: z1[0].__setitem__(int(y[0]) ^ 1, -INF), INF),
+    "-inf on the label": (lambda z1, z2, y: z2[0].__setitem__(int(y[0]), -INF), INF),
+    "label on an absent entry": (
+        lambda z1, z2, y: (z1[0].__setitem__(int(y[0]), -INF), z2[0].__setitem__(int(y[0]), -INF)),
+        INF),
+    "nothing present": (lambda z1, z2, y: (z1[0].fill_(-INF), z2[0].fill_(-INF)), INF),
+}
+
+
+@pytest.mark.parametrize(("backend", "inplace"), MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stacked", [False, True], ids=["pair", "stacked"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_token_that_is_not_finite_touches_nothing_else(case, stacked, dtype, backend, inplace):
+    make, expected = CASES[case]
+    z1, z2 = logits_pair((4, 40), dtype)
+    target = labels((4,), 40, ignored=0.0)
+    target[2] = -100
+    dirty1, dirty2 = z1.clone(), z2.clone()
+    make(dirty1, dirty2, target)
+    got = run(backend, inplace, stacked, dirty1, dirty2, target, label_smoothing=0.1)
+    clean = run(backend, inplace, stacked, z1, z2, target, label_smoothing=0.1)
+    loss, grads = got[0], got[1:]
+    if expected != expected:
+        assert torch.isnan(loss[0]), (case, loss)
+    else:
+        assert loss[0].item() == expected, (case, loss)
+    for grad in grads:
+        assert torch.isnan(grad[0]).all(), (case, grad[0])
+        assert torch.equal(grad[2], torch.zeros_like(grad[2]))  # the ignored token
+    for g, c in zip(got, clean, strict=True):
+        assert torch.equal(g[1:], c[1:]), case  # the other tokens, bit for bit
+
+
+@pytest.mark.parametrize(("backend", "inplace"), MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stacked", [False, True], ids=["pair", "stacked"])
+def test_nothing_present_without_target_is_zero(backend, inplace, dtype, stacked):
+    # symKL of a row with no present entry is the empty sum: 0, and so is its gradient
+    z1, z2 = logits_pair((3, 40), dtype)
+    z1[1], z2[1] = -INF, -INF
+    loss, *grads = run(backend, inplace, stacked, z1, z2, None)
+    assert loss[1].item() == 0.0 and torch.isfinite(loss).all()
+    for grad in grads:
+        assert torch.equal(grad[1], torch.zeros_like(grad[1]))
+        assert torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize(("backend", "inplace"), MODES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("stacked", [False, True], ids=["pair", "stacked"])
+def test_ignored_tokens_are_never_read(backend, inplace, dtype, stacked):
+    # an ignored token is loss 0 and gradient 0 whatever its rows hold, and the other tokens are
+    # the same as with finite values there
+    z1, z2 = logits_pair((5, 300), dtype)
+    target = labels((5,), 300, ignored=0.0)
+    target[1] = target[3] = -100
+    dirty1, dirty2 = z1.clone(), z2.clone()
+    dirty1[1], dirty2[1, 7] = NAN, NAN
+    dirty1[3, 5], dirty2[3] = INF, -INF
+    for got, clean in zip(run(backend, inplace, stacked, dirty1, dirty2, target,
+                              label_smoothing=0.1),
+                          run(backend, inplace, stacked, z1, z2, target, label_smoothing=0.1),
+                          strict=True):
+        assert torch.equal(got[[1, 3]], torch.zeros_like(got[[1, 3]]))
+        assert torch.equal(got, clean)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("offset", [1e3, 1e4])
+def test_large_logits_keep_fp32_accuracy(backend, offset, label_smoothing):
+    # Rows of randn * 2 + C: a log-sum-exp of ~C rounded to fp32 is off by C * 2^-24, which would
+    # cost p that much relative accuracy; kept as (max, log sum) it costs nothing. The oracle rule
+    # in fp32, for the loss and both gradients.
+    z1, z2 = logits_pair((6, 3000), torch.float32, spread=2.0)
+    z1, z2 = z1 + offset, z2 + offset
+    target = labels((6,), 3000, ignored=0.0)
+    keywords = dict(target=target, label_smoothing=label_smoothing, alpha=0.7)
+    grad_output = torch.tensor(1.3, device=DEVICE)
+    fused = loss_and_grads(functools.partial(fastrdrop.rdrop_loss, backend=backend, **keywords),
+                           z1, z2, grad_output)
+    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **keywords),
+                           z1, z2, grad_output)
+    truth = loss_and_grads(functools.partial(oracle_loss, **keywords), z1.double(), z2.double(),
+                           grad_output)
+    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
+        assert_oracle_rule(f, e, t, torch.float32, f"C={offset:g} {what}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_at_the_largest_bf16(backend):
+    # every logit at bf16's maximum: both passes are uniform, so each cross entropy is log V
+    vocab_size = 96
+    z = torch.full((2, vocab_size), torch.finfo(torch.bfloat16).max, dtype=torch.bfloat16,
+                   device=DEVICE)
+    target = labels((2,), vocab_size, ignored=0.0)
+    parts = fastrdrop.rdrop_loss(z, z.clone(), target, backend=backend, return_parts=True)
+    expected = torch.log(torch.tensor(float(vocab_size)))
+    torch.testing.assert_close(parts.loss.cpu(), 2 * expected)
+    assert parts.kl.item() == 0.0
