@@ -13,6 +13,7 @@ import fastrdrop  # noqa: E402
 from fastrdrop.integrations.transformers import (  # noqa: E402
     NoDropoutWarning,
     RDropTrainer,
+    _both_passes,
     rdrop_causal_lm_loss,
 )
 
@@ -173,6 +174,10 @@ def test_compile_has_no_graph_break_inside_fastrdrop():
         parts.loss.backward()
         return parts.loss.detach()
 
+    # one eager call first: it installs transformers' hooks that collect the hidden states,
+    # which a compiled call cannot do (they are installed under a lock)
+    step(input_ids)
+    model.zero_grad()
     explanation = torch._dynamo.explain(step)(input_ids)
     inside = [reason.reason for reason in explanation.break_reasons
               if any("fastrdrop" in frame.filename for frame in reason.user_stack)]
@@ -191,3 +196,18 @@ def test_compile_has_no_graph_break_inside_fastrdrop():
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-6)
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_both_passes_of_a_packed_batch():
+    # [x; x] of a padding-free batch: position_ids twice; flash attention's cumulative lengths
+    # over the flattened batch cover the second copy's sequences after the first's
+    cu = torch.tensor([0, 5, 12, 16], dtype=torch.int32)
+    position_ids = torch.cat([torch.arange(5), torch.arange(7), torch.arange(4)])[None]
+    twice = _both_passes(dict(input_ids=torch.arange(16)[None], position_ids=position_ids,
+                              cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=7,
+                              attention_mask=None))
+    assert twice["input_ids"].shape == twice["position_ids"].shape == (2, 16)
+    assert torch.equal(twice["position_ids"][1], position_ids[0])
+    for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+        assert twice[key].tolist() == [0, 5, 12, 16, 21, 28, 32]
+    assert twice["max_length_q"] == 7 and twice["attention_mask"] is None

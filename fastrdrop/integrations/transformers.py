@@ -1,8 +1,9 @@
-"""R-Drop for Hugging Face Transformers causal LMs (and PEFT-wrapped ones): the model body runs
-once on the duplicated batch [x; x]. With a plain linear output embedding the fused linear loss
-takes its hidden states, and the logits of neither pass are ever materialised whole; any other
+"""R-Drop for Hugging Face Transformers causal LMs (and PEFT-wrapped ones): the model runs once
+on the duplicated batch [x; x]. With a plain linear output embedding the fused linear loss takes
+its last hidden states, and the logits of neither pass are ever materialised whole; any other
 head (an adapter on lm_head, say) gives the logits of both passes, stacked, to
-stacked_rdrop_loss, which writes their gradient into one buffer.
+stacked_rdrop_loss, which writes their gradient into one buffer. The trainers' R-Drop step is
+RDropTrainerMixin, shared with fastrdrop.integrations.trl.
 
 Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
 """
@@ -20,7 +21,7 @@ from .._common import RDropParts
 from ..linear import linear_rdrop_loss
 from ..loss import stacked_rdrop_loss
 
-__all__ = ["NoDropoutWarning", "RDropTrainer", "rdrop_causal_lm_loss"]
+__all__ = ["NoDropoutWarning", "RDropTrainer", "RDropTrainerMixin", "rdrop_causal_lm_loss"]
 
 
 class NoDropoutWarning(UserWarning):
@@ -52,26 +53,36 @@ def rdrop_causal_lm_loss(
     chunk_size: Optional[int] = None,
     **model_kwargs,
 ) -> RDropParts:
-    """R-Drop loss of a causal LM on a batch, its two passes in one forward of the model body.
+    """R-Drop loss of a causal LM on a batch, its two passes in one forward of the model on the
+    batch twice, ``[x; x]``.
 
-    Call it with the model in training mode: dropout makes the two passes differ.
+    Call it with the model in training mode: dropout makes the two passes differ. The loss is
+    computed from what the model's own forward returns (the model runs as a whole, so that
+    wrappers such as FSDP see their forward): with a plain linear output embedding, its last
+    hidden states, which go to :func:`fastrdrop.linear_rdrop_loss` with the head's weight (the
+    logits are never materialised whole); with any other head (LoRA on ``lm_head``), its
+    logits, which go to :func:`fastrdrop.stacked_rdrop_loss`.
 
     Args:
         model: a ``*ForCausalLM`` model, or a PEFT model wrapping one. Its output embedding
             may be tied to the input one; the config's ``final_logit_softcapping`` (Gemma 2) is
-            applied when set. A head that is not a plain ``nn.Linear`` (LoRA on ``lm_head``)
-            runs as the model runs it, and its logits go to :func:`stacked_rdrop_loss`.
+            applied when set.
         input_ids: [B, T] token ids.
-        attention_mask: [B, T] or None.
+        attention_mask: [B, T] or None (padding-free batches carry ``position_ids`` instead).
         labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
-            (padding, where ``attention_mask`` is 0, ignored). Shifted inside, as for causal LM.
+            (padding, where ``attention_mask`` is 0, ignored). Shifted inside, as for causal LM:
+            position t predicts label t + 1. In a packed batch the first label of each sequence
+            must be ``ignore_index`` (TRL's collators do this), so that no position predicts
+            across a boundary.
         num_items_in_batch: the number of label tokens over all gradient-accumulation
             micro-batches (what ``transformers.Trainer`` passes): the sum is divided by it, so
             that 4 micro-batches of 1 give the update of 1 batch of 4. None: mean over this
             batch's label tokens.
         alpha, ignore_index, label_smoothing, chunk_size: as in
             :func:`fastrdrop.linear_rdrop_loss`.
-        model_kwargs: passed on to the model body.
+        model_kwargs: passed on to the model, each [B, ...] tensor twice along dim 0:
+            ``position_ids`` of padding-free batches, and ``cu_seq_lens_q``/``cu_seq_lens_k``
+            (flash attention's cumulative sequence lengths), which then cover both copies.
 
     Warns (:class:`NoDropoutWarning`, once per model) when no dropout is active, as then both
     passes are the same and R-Drop only doubles the cost.
@@ -79,31 +90,55 @@ def rdrop_causal_lm_loss(
     Returns:
         ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient.
     """
-    body, head, softcap = _causal_lm_parts(model)
-    if not torch.compiler.is_compiling() and model not in _warned and not _dropout_active(model):
-        _warned.add(model)  # once per model
-        warnings.warn(NO_DROPOUT, NoDropoutWarning, stacklevel=2)
+    base = _unwrap(model)
+    head = base.get_output_embeddings()
+    softcap = getattr(base.config, "final_logit_softcapping", None)
+    if not torch.compiler.is_compiling():
+        if model not in _warned and not _dropout_active(model):
+            _warned.add(model)  # once per model
+            warnings.warn(NO_DROPOUT, NoDropoutWarning, stacklevel=2)
+        _install_output_capture(base)
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(
             attention_mask == 0, ignore_index)
-    twice = torch.cat([input_ids, input_ids])
-    mask = None if attention_mask is None else torch.cat([attention_mask, attention_mask])
+    batch = _both_passes(dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs))
+    # no cache: it is of no use in training, and where one is made (use_cache in the config, in
+    # evaluation mode) transformers skips the masks that keep packed sequences apart
+    batch["use_cache"] = False
     keywords = dict(alpha=alpha, ignore_index=ignore_index, label_smoothing=label_smoothing,
                     reduction="mean" if num_items_in_batch is None else "sum",
                     return_parts=True)
+    n = len(input_ids)
     if type(head) is nn.Linear:
-        hidden = body(input_ids=twice, attention_mask=mask, **model_kwargs).last_hidden_state
-        hidden1, hidden2 = hidden[: len(input_ids), :-1], hidden[len(input_ids):, :-1]
-        parts = linear_rdrop_loss(hidden1, hidden2, head.weight, labels[:, 1:], head.bias,
-                                  softcap=softcap, chunk_size=chunk_size, **keywords)
+        # the last hidden states, and the logits of no position at all
+        out = model(**batch, output_hidden_states=True,
+                    logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
+        hidden = out.hidden_states[-1]
+        parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight, labels[:, 1:],
+                                  head.bias, softcap=softcap, chunk_size=chunk_size, **keywords)
     else:  # the model's own head (with its softcap): [2B, T, V], both passes stacked
-        logits = model(input_ids=twice, attention_mask=mask, **model_kwargs).logits
+        logits = model(**batch).logits
         # position t predicts token t + 1; the last position predicts nothing
         shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
         parts = stacked_rdrop_loss(logits, shifted, **keywords)
     if num_items_in_batch is None:
         return parts
     return RDropParts(*(part / num_items_in_batch for part in parts))
+
+
+def _both_passes(batch: dict) -> dict:
+    """The batch twice along dim 0 (the model runs both passes in one forward). Flash
+    attention's cumulative sequence lengths index the flattened batch: the second copy's
+    sequences follow the first's."""
+    twice = {}
+    for key, value in batch.items():
+        if not torch.is_tensor(value) or value.dim() == 0:
+            twice[key] = value
+        elif key in ("cu_seq_lens_q", "cu_seq_lens_k"):
+            twice[key] = torch.cat([value, value[1:] + value[-1]])
+        else:
+            twice[key] = torch.cat([value, value])
+    return twice
 
 
 def _dropout_active(model: nn.Module) -> bool:
@@ -114,8 +149,7 @@ def _dropout_active(model: nn.Module) -> bool:
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0:
             return True
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    config = getattr(base, "config", None)
+    config = getattr(_unwrap(model), "config", None)
     if not model.training or config is None:
         return False
     return any(isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
@@ -123,25 +157,44 @@ def _dropout_active(model: nn.Module) -> bool:
                if ("dropout" in name or "pdrop" in name) and "classifier" not in name)
 
 
-def _causal_lm_parts(model: nn.Module):
-    """(decoder body, output embedding, final-logit softcap) of a causal LM, PEFT or not."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return (base.get_decoder(), base.get_output_embeddings(),
-            getattr(base.config, "final_logit_softcapping", None))
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The ``*ForCausalLM`` inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers.
+    The loss still calls the wrapped model: the wrappers' forward is where they do their work."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "get_base_model"):
+            model = model.get_base_model()
+        else:
+            return model
 
 
-class RDropTrainer(Trainer):
-    """``transformers.Trainer`` whose training loss is R-Drop on the duplicated batch.
+def _install_output_capture(model: nn.Module) -> None:
+    """transformers 5 installs the hooks that collect hidden states on the first forward that
+    asks for them, under a lock that torch.compile cannot trace: install them before any
+    compiled call can be the first."""
+    try:
+        from transformers.utils.output_capturing import maybe_install_capturing_hooks
+    except ImportError:  # another transformers: it collects them its own way
+        return
+    maybe_install_capturing_hooks(model)
 
-    It normalises by the number of label tokens across gradient-accumulation micro-batches
-    (``num_items_in_batch``), so 4 micro-batches of 1 equal 1 batch of 4, and logs ``ce`` (the
-    mean of the two passes' cross entropies) and ``kl`` next to the loss. Evaluation, with
-    dropout off, reports the model's ordinary loss.
+
+class RDropTrainerMixin:
+    """The R-Drop training step of :class:`RDropTrainer` and of
+    :class:`fastrdrop.integrations.trl.RDropSFTTrainer`, which differ only in their base class
+    (``transformers.Trainer``, ``trl.SFTTrainer``).
+
+    In training mode the loss is :func:`rdrop_causal_lm_loss` on the batch, normalised by the
+    number of label tokens across gradient-accumulation micro-batches (``num_items_in_batch``),
+    so 4 micro-batches of 1 equal 1 batch of 4; ``ce`` (the mean of the two passes' cross
+    entropies) and ``kl`` are logged next to the loss. Evaluation, with dropout off, is the base
+    class's.
 
     Args:
         rdrop_alpha: the weight of the symmetric KL term.
         rdrop_kwargs: more keywords for :func:`rdrop_causal_lm_loss` (label_smoothing, ...).
-        All other arguments are ``transformers.Trainer``'s.
+        All other arguments are the base class's.
     """
 
     def __init__(self, *args, rdrop_alpha: float = 1.0, rdrop_kwargs: Optional[dict] = None,
@@ -155,12 +208,17 @@ class RDropTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        # every other entry of the batch (position_ids of packed batches, ...) goes to the model
+        batch = dict(inputs)
         parts = rdrop_causal_lm_loss(
-            model, inputs["input_ids"], inputs.get("attention_mask"), inputs.get("labels"),
-            alpha=self.rdrop_alpha, num_items_in_batch=num_items_in_batch, **self.rdrop_kwargs)
+            model, batch.pop("input_ids"), batch.pop("attention_mask", None),
+            batch.pop("labels", None), alpha=self.rdrop_alpha,
+            num_items_in_batch=num_items_in_batch, **self.rdrop_kwargs, **batch)
         # With num_items_in_batch the micro-batch losses already sum to the step's mean.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
-        scale = 1 if self.loss_is_scaled_for_ga else 1 / self.current_gradient_accumulation_steps
+        accumulation = getattr(self, "current_gradient_accumulation_steps",  # set by train()
+                               self.args.gradient_accumulation_steps)
+        scale = 1 if self.loss_is_scaled_for_ga else 1 / accumulation
         # kept on the device, read when logged: reading them every step would wait for the GPU
         self._rdrop_sums["ce"] += (parts.ce1 + parts.ce2).detach() / 2 * scale
         self._rdrop_sums["kl"] += parts.kl.detach() * scale
@@ -177,3 +235,9 @@ class RDropTrainer(Trainer):
                 self._rdrop_sums[name] = 0.0
             self._rdrop_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
+
+
+class RDropTrainer(RDropTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose training loss is R-Drop on the duplicated batch (see
+    :class:`RDropTrainerMixin` for what it adds: ``rdrop_alpha``, ``rdrop_kwargs``, the ``ce``
+    and ``kl`` logs)."""

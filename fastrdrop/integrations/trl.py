@@ -1,0 +1,33 @@
+"""R-Drop for TRL's supervised fine-tuning: :class:`RDropSFTTrainer` is ``trl.SFTTrainer`` with
+the R-Drop step of :class:`fastrdrop.integrations.transformers.RDropTrainerMixin`. TRL prepares
+the data as it always does: packing, padding-free batches (``position_ids``, no attention mask)
+and completion-only or assistant-only labels keep working, since the loss reads the labels and
+passes every other entry of the batch to the model.
+
+Importing this module needs ``trl`` (``pip install fastrdrop[trl]``).
+"""
+
+from trl import SFTTrainer
+
+from .transformers import RDropTrainerMixin
+
+__all__ = ["RDropSFTTrainer"]
+
+
+class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
+    """``trl.SFTTrainer`` whose training loss is R-Drop: the batch runs twice through the model in
+    one forward, ``[x; x]``, and the fused linear loss adds the symmetric KL of the two passes
+    to their cross entropies.
+
+    Args:
+        rdrop_alpha: the weight of the symmetric KL term.
+        rdrop_kwargs: more keywords for
+            :func:`fastrdrop.integrations.transformers.rdrop_causal_lm_loss` (label_smoothing,
+            chunk_size, ...).
+        All other arguments are ``SFTTrainer``'s.
+
+    It normalises by the label tokens of all gradient-accumulation micro-batches, logs ``ce``
+    and ``kl`` next to the loss, and evaluates with ``SFTTrainer``'s own loss (dropout off). In
+    training it computes neither TRL's ``entropy`` nor its ``mean_token_accuracy``, which need
+    the logits that the fused loss never materialises; ``loss_type="dft"`` is not supported.
+    """
