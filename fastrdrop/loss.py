@@ -125,17 +125,8 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     batch_shape = first.shape[:-1]
     z1 = _rows(logits1, name1, inplace_backward)
     z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
-    for name, rows in ((name1, z1), ("logits2", z2)):
-        if inplace_backward and rows is not None and rows.shape[0] > 1 and (
-                rows.stride(0) < rows.shape[1]):
-            raise ValueError(
-                f"{name}'s rows overlap in memory (row stride {rows.stride(0)} < V="
-                f"{rows.shape[1]}), so inplace_backward=True cannot write each row's gradient "
-                "into them")
-    if inplace_backward and z2 is not None and (
-            logits1 is logits2 or (not torch.compiler.is_compiling() and z1.numel() > 0
-                                   and z1.data_ptr() == z2.data_ptr())):
-        raise ValueError("logits2 must not be the same memory as logits1 when "
+    if inplace_backward and logits1 is logits2:
+        raise ValueError("logits2 must not be the same tensor as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
     labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
@@ -287,6 +278,8 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
 
 def _flattens_to_rows(t: Tensor) -> bool:
     """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim."""
+    if t.numel() == 0:
+        return True  # no rows: any strides will do
     if t.shape[-1] > 1 and t.stride(-1) != 1:
         return False
     outer_stride = None  # the stride the next dimension out must have to merge with this one

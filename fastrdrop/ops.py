@@ -213,6 +213,45 @@ def halves(logits1: Tensor, logits2: Optional[Tensor]) -> tuple[Tensor, Tensor]:
     return logits1[:n_rows], logits1[n_rows:]
 
 
+def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
+    """The in-place mode writes each row's gradient over it: no two rows of logits1 [N, V] and
+    logits2 [N, V] (or of logits1 [2N, V], both passes stacked) may share memory. Checked in the
+    custom op, which runs eagerly even in compiled graphs, so it sees the real pointers."""
+    each = {"logits": logits1} if logits2 is None else {"logits1": logits1, "logits2": logits2}
+    for name, rows in each.items():
+        if _rows_overlap(rows, rows):
+            raise ValueError(
+                f"{name}'s rows overlap in memory (row stride {rows.stride(0)} < V="
+                f"{rows.shape[1]}), so inplace_backward=True cannot write each row's gradient "
+                "into them")
+    if logits2 is not None and _rows_overlap(logits1, logits2):
+        raise ValueError("logits1 and logits2 overlap in memory, so inplace_backward=True "
+                         "cannot write each one's gradient into it")
+
+
+def _rows_overlap(a: Tensor, b: Tensor) -> bool:
+    """Whether two rows of a [n, V] and b [m, V] (contiguous last dims) share memory; two rows of
+    a itself when b is a. Exact for rows of one stride, by their span otherwise."""
+    if a.numel() == 0 or b.numel() == 0 or (
+            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+        return False
+    elem, (n, m) = a.element_size(), (a.shape[0], b.shape[0])
+    row_bytes = a.shape[1] * elem
+    stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
+    if a is b:
+        return n > 1 and stride_a < row_bytes
+    d = b.data_ptr() - a.data_ptr()
+    if stride_a == stride_b and stride_a >= row_bytes:
+        # rows i of a and j of b overlap iff |(i - j) stride - d| < row_bytes: try the k = i - j
+        # in [-(m - 1), n - 1] closest to d / stride
+        nearest = d // stride_a
+        return any(abs(k * stride_a - d) < row_bytes
+                   for k in (nearest, nearest + 1) if -(m - 1) <= k <= n - 1)
+    end_a = (n - 1) * stride_a + row_bytes
+    end_b = d + (m - 1) * stride_b + row_bytes
+    return d < end_a and 0 < end_b
+
+
 def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
                  softcap, backend, grads=None):
     """Per-row parts [3, N] and stats [N_STATS, N] of logits [N, V] (logits2 None: logits1
@@ -252,6 +291,7 @@ def rdrop_forward_inplace(
     """Per-row parts [3, N]; overwrites the logits with the gradients of
     sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r. The stacked form (logits2 None) is one
     mutated tensor, not two mutated views of it, which compiled graphs would have to track."""
+    check_writable_rows(logits1, logits2)
     return forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index,
                         label_smoothing, softcap, backend, grads=(logits1, logits2))[0]
 

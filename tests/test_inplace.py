@@ -132,8 +132,19 @@ def test_inplace_rejects_what_it_cannot_write(backend):
     with pytest.raises(ValueError, match="logits1"):
         fastrdrop.rdrop_loss(transposed, z2, target, backend=backend, inplace_backward=True)
     same = z1 * 1
-    with pytest.raises(ValueError, match="logits2 must not be the same memory"):
+    with pytest.raises(ValueError, match="logits2 must not be the same tensor"):
         fastrdrop.rdrop_loss(same, same, target, backend=backend, inplace_backward=True)
+    # memory that two rows share: each row's gradient would overwrite another's (torch's own
+    # in-place ops refuse such overlap too); nothing is written
+    both = torch.cat([z1, z2]) * 1
+    expanded = (z1[:1] * 1).expand(4, 300)
+    for first, second, message in ((both[:4], both[1:5], "logits1 and logits2 overlap"),
+                                   (expanded, z2 * 1, "logits1's rows overlap"),
+                                   (z1 * 1, expanded, "logits2's rows overlap")):
+        kept = first.detach().clone(), second.detach().clone()
+        with pytest.raises(ValueError, match=message):
+            fastrdrop.rdrop_loss(first, second, target, backend=backend, inplace_backward=True)
+        assert torch.equal(first, kept[0]) and torch.equal(second, kept[1])
 
 
 @pytest.mark.parametrize("backend", fused_backends())
