@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import report
+from benchmarks import report, vocab_parallel
 from benchmarks.measure import MODES, Case, environment, measure, measure_in_subprocess, time_copy
 from benchmarks.providers import PROVIDERS
 
@@ -38,6 +38,9 @@ PRESETS = {
                        modes=["fwd+bwd"], repeats=5, warmup=1, providers=LINEAR),
     "gpu-linear": dict(tokens=[16384], vocab=[128256], hidden=[4096], dtypes=["bfloat16"],
                        modes=["fwd+bwd"], repeats=10, providers=LINEAR),
+    # vocab_parallel_group= on 1, 2 and 4 gloo ranks of this machine (benchmarks/vocab_parallel.py)
+    "cpu-vocab-parallel": dict(tokens=[1024], vocab=[131072], dtypes=["float32"],
+                               modes=["fwd+bwd"], repeats=5, worlds=[1, 2, 4]),
 }
 
 
@@ -59,6 +62,9 @@ def parse_args():
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>)")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--worlds", type=int, nargs="+",
+                        help="gloo ranks: run the vocabulary-parallel loss on each number of "
+                             "ranks instead of the providers (see cpu-vocab-parallel)")
     args = parser.parse_args()
     for key, value in PRESETS.get(args.preset, {}).items():
         setattr(args, key, value)
@@ -89,6 +95,8 @@ def main():
     device = torch.device(args.device)
     repeats = args.repeats or (GPU_GRID if device.type == "cuda" else CPU_GRID)["repeats"]
     env = environment(device)
+    if args.worlds:
+        return main_vocab_parallel(args, env, repeats)
     rows, copy_gbps = [], {}
     for group in report.progress(list(case_groups(args, device))):
         first = group[0]
@@ -112,9 +120,7 @@ def main():
                 row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
         rows.extend(group_rows)
 
-    name = f"{_slug(env['device'])}-{env['date'][:10]}" + (f"-{args.preset}" if args.preset else "")
-    out = args.out or Path(__file__).parent / "results" / name
-    out.mkdir(parents=True, exist_ok=True)
+    out = _out_folder(args, env)
     result = dict(environment=env, repeats=repeats, rows=rows)
     (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
     table = report.markdown(result) + "\n" + report.goals(result)
@@ -123,6 +129,27 @@ def main():
         report.plots(result, out)
     print(table)
     print(f"results written to {out}")
+
+
+def main_vocab_parallel(args, env, repeats):
+    out = _out_folder(args, env)
+    rows = vocab_parallel.run((args.tokens or [1024])[0], (args.vocab or [131072])[0],
+                              args.worlds, repeats, str(out))
+    result = dict(environment=env, repeats=repeats, rows=rows)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = vocab_parallel.markdown(result)
+    (out / "results.md").write_text(table)
+    for stale in out.glob("world*"):
+        stale.unlink()
+    print(table)
+    print(f"results written to {out}")
+
+
+def _out_folder(args, env):
+    name = f"{_slug(env['device'])}-{env['date'][:10]}" + (f"-{args.preset}" if args.preset else "")
+    out = args.out or Path(__file__).parent / "results" / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _slug(name):

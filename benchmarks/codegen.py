@@ -195,6 +195,15 @@ def api_calls():
                                       f"{kwargs}",
                                       functools.partial(_linear_call, dtype, vocab, target,
                                                         kwargs)))
+        # the vocabulary split across ranks (a group of one): the partials kernel, then the
+        # backward kernel, into new buffers or in place
+        for vocab in vocab_sizes(dtype):
+            for softcap in (None, 30.0):
+                for smoothing, inplace in ((0.0, False), (0.1, True)):
+                    kwargs = dict(softcap=softcap, label_smoothing=smoothing,
+                                  inplace_backward=inplace)
+                    calls.append((f"rdrop_loss vocab-parallel {dtype} V={vocab} {kwargs}",
+                                  functools.partial(_vocab_parallel_call, dtype, vocab, kwargs)))
     return calls
 
 
@@ -230,6 +239,21 @@ def _linear_call(dtype, vocab, target, kwargs):
     labels = torch.zeros(rows, dtype=torch.long) if target else None
     loss = fastrdrop.linear_rdrop_loss(h1, h2, weight, labels, backend="triton", **kwargs)
     torch.autograd.grad(loss, (h1, h2, weight), torch.ones_like(loss))
+
+
+def _vocab_parallel_call(dtype, vocab, kwargs):
+    import torch.distributed as dist
+
+    import fastrdrop
+
+    if not dist.is_initialized():  # one rank, in this process
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    leaf = torch.empty(6, vocab, dtype=dtype, requires_grad=True)
+    logits = leaf * 1
+    loss = fastrdrop.stacked_rdrop_loss(logits, torch.zeros(3, dtype=torch.long),
+                                        backend="triton", vocab_parallel_group=dist.group.WORLD,
+                                        **kwargs)
+    torch.autograd.grad(loss, leaf, torch.tensor(2.0))
 
 
 def record_launches(target, on_launch):
@@ -310,6 +334,7 @@ def jobs(target_list):
 def _describe(launch, src):
     constants = {src.fn.arg_names[path[0]]: value for path, value in src.constants.items()}
     kernel = {"_rdrop_fwd_kernel": "fwd", "_rdrop_bwd_kernel": "bwd",
+              "_rdrop_partials_kernel": "partials",
               "_scale_rows_kernel": "scale"}.get(launch.kernel, launch.kernel)
     dtype = str(src.signature["z1_ptr"]).lstrip("*")
     specialised = {src.fn.arg_names[path[0]]: value for path, value in src.attrs.items() if value}

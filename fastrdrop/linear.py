@@ -14,7 +14,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import ops, reference
+from . import distributed, ops, reference
 from ._common import (
     RDropParts,
     check_options,
@@ -42,6 +42,7 @@ def linear_rdrop_loss(
     return_parts: bool = False,
     chunk_size: Optional[int] = None,
     backend: str = "auto",
+    vocab_parallel_group=None,
 ) -> Union[Tensor, RDropParts]:
     """``rdrop_loss(hidden1 @ weight.T + bias, hidden2 @ weight.T + bias, target, ...)`` without
     materialising the logits: at most ``chunk_size`` rows of them exist at a time.
@@ -56,6 +57,15 @@ def linear_rdrop_loss(
         chunk_size: rows per chunk; None picks it with :func:`default_chunk_size`.
         alpha, ignore_index, reduction, label_smoothing, softcap, return_parts, backend: as in
             :func:`fastrdrop.rdrop_loss`. The parts of ``RDropParts`` carry no gradient.
+        vocab_parallel_group: a process group whose rank r holds the rows of ``weight`` (and
+            ``bias``) of a contiguous slice of the vocabulary, in rank order; ``hidden1``,
+            ``hidden2`` and ``target`` are the same on every rank. Every rank returns the loss
+            of the whole vocabulary and the gradient of its weight slice; the gradients of the
+            hidden states are summed over the ranks inside (one all-reduce), so every rank
+            returns the full ones. This takes the place of a column-parallel output layer: give
+            it the hidden states as they enter that layer, not through Megatron's
+            ``copy_to_tensor_model_parallel_region`` (whose backward all-reduces the same
+            gradient again).
 
     Returns:
         float32 loss (a scalar, or [...] with ``reduction="none"``), or ``RDropParts``.
@@ -68,6 +78,7 @@ def linear_rdrop_loss(
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    distributed.check_group(vocab_parallel_group)
     backend = resolve_backend(backend, hidden1)
 
     batch_shape = hidden1.shape[:-1]
@@ -78,8 +89,11 @@ def linear_rdrop_loss(
     if chunk_size is None:
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
                                         h1.device)
+        if vocab_parallel_group is not None:  # every rank makes the same collectives
+            chunk_size = distributed.agree_min(chunk_size, vocab_parallel_group, h1.device)
     options = (float(alpha), ignore_index, float(label_smoothing),
-               None if softcap is None else float(softcap), backend, chunk_size)
+               None if softcap is None else float(softcap), backend, chunk_size,
+               vocab_parallel_group)
     rows, parts = LinearRDropFunction.apply(h1, h2, weight, bias, labels, weights,
                                             reduction == "none", options)
     loss = rows.reshape(batch_shape) if reduction == "none" else rows
@@ -99,11 +113,12 @@ class LinearRDropLoss(nn.Module):
     def __init__(self, *, alpha: float = 1.0, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, softcap: Optional[float] = None,
                  return_parts: bool = False, chunk_size: Optional[int] = None,
-                 backend: str = "auto") -> None:
+                 backend: str = "auto", vocab_parallel_group=None) -> None:
         super().__init__()
         self.kwargs = dict(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing, softcap=softcap,
-                           return_parts=return_parts, chunk_size=chunk_size, backend=backend)
+                           return_parts=return_parts, chunk_size=chunk_size, backend=backend,
+                           vocab_parallel_group=vocab_parallel_group)
 
     def forward(self, hidden1: Tensor, hidden2: Tensor, weight: Tensor,
                 target: Optional[Tensor] = None,
@@ -202,8 +217,8 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
 
     A chunk stacks c rows of both passes, [h1; h2] [2c, H], so that each matmul runs once for
     both passes and its logits z [2c, V] hold z1 = z[:c] and z2 = z[c:]."""
-    alpha, ignore_index, label_smoothing, softcap, backend, chunk_size = options
-    kernel_args = (ignore_index, label_smoothing, softcap, backend)
+    alpha, ignore_index, label_smoothing, softcap, backend, chunk_size, group = options
+    kernel_args = (ignore_index, label_smoothing, softcap, backend, group)
     n_rows = hidden1.shape[0]
     parts = torch.empty((3, n_rows), dtype=torch.float32, device=hidden1.device)
     with_grads = row_weight is not None
@@ -235,6 +250,8 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
             db += z.sum(0, dtype=torch.float32)  # db += sum_rows dz
     if not with_grads:
         return parts, None
+    if group is not None:  # each rank's dh is its slice's share: the sum is the gradient
+        distributed.all_reduce_sum([dh1, dh2], group)
     return parts, (dh1, dh2, None if dw is None else dw.to(weight.dtype),
                    None if db is None else db.to(bias.dtype))
 
@@ -251,24 +268,35 @@ def _add_matmul_(acc, a, b):
 
 def _forward(z, labels, kernel_args):
     """Per-row parts [3, c] of a chunk's stacked logits z [2c, V]."""
+    *kernel_args, group = kernel_args
     backend = kernel_args[-1]
     if backend == "torch":
         parts = reference.rdrop_loss(*ops.halves(z, None), labels, reduction="none",
-                                     return_parts=True, **_reference_kwargs(kernel_args))
+                                     return_parts=True, vocab_parallel_group=group,
+                                     **_reference_kwargs(kernel_args))
         return torch.stack(parts[1:])
+    if group is not None:
+        return ops.vocab_parallel_rows(z, None, labels, group, *kernel_args)[0]
     return ops.rdrop_forward(z, None, labels, *kernel_args)[0]
 
 
 def _gradients_into_logits(z, labels, row_weight, alpha, kernel_args):
     """Overwrite a chunk's stacked logits z [2c, V] with the gradients of
     sum_r w_r (CE_1 + CE_2 + alpha symKL)_r; return the per-row parts [3, c]."""
+    *kernel_args, group = kernel_args
     backend = kernel_args[-1]
+    if backend != "torch" and group is not None:
+        parts, stats, local_labels = ops.vocab_parallel_rows(z, None, labels, group, *kernel_args)
+        ops.write_gradients(z, None, local_labels, stats, row_weight, alpha, *kernel_args,
+                            grads=(z, None))
+        return parts
     if backend != "torch":
         return ops.rdrop_forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)
     leaf = z.detach().requires_grad_()
     with torch.enable_grad():
         parts = reference.rdrop_loss(*ops.halves(leaf, None), labels, reduction="none",
-                                     return_parts=True, **_reference_kwargs(kernel_args))
+                                     return_parts=True, vocab_parallel_group=group,
+                                     **_reference_kwargs(kernel_args))
         rows = parts.ce1 + parts.ce2 + alpha * parts.kl
         (grad,) = torch.autograd.grad((rows * row_weight).sum(), leaf)
     z.copy_(grad)

@@ -8,7 +8,7 @@ from typing import Optional, Union
 import torch
 from torch import Tensor, nn
 
-from . import _native, ops, reference
+from . import _native, distributed, ops, reference
 from ._common import (
     BACKENDS,
     KERNEL_DTYPES,
@@ -34,6 +34,7 @@ def rdrop_loss(
     inplace_backward: bool = False,
     return_parts: bool = False,
     backend: str = "auto",
+    vocab_parallel_group=None,
 ) -> Union[Tensor, RDropParts]:
     """R-Drop loss ``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``.
 
@@ -62,16 +63,27 @@ def rdrop_loss(
             ``kl`` not multiplied by ``alpha``.
         backend: "auto" (Triton on GPU tensors, the native kernel on CPU tensors when built, the
             PyTorch reference otherwise), "triton", "native" or "torch".
+        vocab_parallel_group: a ``torch.distributed`` process group whose rank r holds the
+            logits of a contiguous slice of the vocabulary, [..., V_r], the slices in rank order
+            (their sizes may differ). Labels are global ids, the same on every rank, as are
+            the tokens and keywords. Every rank returns the loss of the whole vocabulary and
+            gets the gradient of its own slice; the forward pass makes two all-reduces of O(N)
+            bytes (see fastrdrop.distributed), the backward pass none. DTensor logits sharded
+            on their last dimension over a 1-D mesh take this path without the keyword.
 
     Returns:
         float32 loss: a scalar, or [...] with ``reduction="none"``; or ``RDropParts`` of them.
         The ``torch`` backend returns float64 for float64 logits.
     """
+    logits1, logits2, target, vocab_parallel_group = distributed.from_dtensor(
+        logits1, logits2, target, group=vocab_parallel_group)
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    distributed.check_group(vocab_parallel_group)
     return _fused(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend)
+                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend,
+                  group=vocab_parallel_group)
 
 
 def stacked_rdrop_loss(
@@ -86,6 +98,7 @@ def stacked_rdrop_loss(
     inplace_backward: bool = False,
     return_parts: bool = False,
     backend: str = "auto",
+    vocab_parallel_group=None,
 ) -> Union[Tensor, RDropParts]:
     """:func:`rdrop_loss` of ``logits[:B]`` and ``logits[B:]``: both passes stacked on dim 0, as
     one forward of the model on ``torch.cat([x, x])`` returns them.
@@ -104,23 +117,29 @@ def stacked_rdrop_loss(
     Returns:
         What :func:`rdrop_loss` returns for the two halves.
     """
+    logits, target, vocab_parallel_group = distributed.from_dtensor(
+        logits, target, group=vocab_parallel_group)
     check_stacked_args(logits, target, alpha=alpha, ignore_index=ignore_index,
                        reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    distributed.check_group(vocab_parallel_group)
     return _fused(logits, None, target, alpha=alpha, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend)
+                  inplace_backward=inplace_backward, return_parts=return_parts, backend=backend,
+                  group=vocab_parallel_group)
 
 
 def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_smoothing, softcap,
-           inplace_backward, return_parts, backend):
-    """rdrop_loss after the argument checks; logits2 None: logits1 holds both passes stacked."""
+           inplace_backward, return_parts, backend, group):
+    """rdrop_loss after the argument checks; logits2 None: logits1 holds both passes stacked;
+    group: the vocabulary is split across its ranks."""
     name1 = "logits1" if logits2 is not None else "logits"
     backend = resolve_backend(backend, logits1, name1)
     first, second = ops.halves(logits1, logits2)
     if backend == "torch":
         return reference.rdrop_loss(
             first, second, target, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts)
+            label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts,
+            vocab_parallel_group=group)
 
     batch_shape = first.shape[:-1]
     z1 = _rows(logits1, name1, inplace_backward)
@@ -141,15 +160,15 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
                   and (logits2 is None or logits2.requires_grad))
     grads_first = wants_grad and (inplace_backward or (
-        logits1.dtype == torch.float32 and not return_parts
+        logits1.dtype == torch.float32 and not return_parts and group is None
         and not torch.compiler.is_compiling()))
 
     if grads_first:
         weighted_rows, parts = ops.RDropLossFunction.apply(
-            z1, z2, labels, weights, float(alpha), *kernel_args, inplace_backward)
+            z1, z2, labels, weights, float(alpha), *kernel_args, inplace_backward, group)
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()
     else:
-        parts = ops.RDropFunction.apply(z1, z2, labels, *kernel_args)
+        parts = ops.RDropFunction.apply(z1, z2, labels, *kernel_args, group)
         loss = reduce_rows(token_loss(parts, alpha), weights, reduction,
                            batch_shape)
     if return_parts:
@@ -172,6 +191,7 @@ class _Keywords(nn.Module):
         inplace_backward: bool = False,
         return_parts: bool = False,
         backend: str = "auto",
+        vocab_parallel_group=None,
     ) -> None:
         super().__init__()
         self.alpha = alpha
@@ -182,12 +202,13 @@ class _Keywords(nn.Module):
         self.inplace_backward = inplace_backward
         self.return_parts = return_parts
         self.backend = backend
+        self.vocab_parallel_group = vocab_parallel_group
 
     def keywords(self) -> dict:
         return dict(alpha=self.alpha, ignore_index=self.ignore_index, reduction=self.reduction,
                     label_smoothing=self.label_smoothing, softcap=self.softcap,
                     inplace_backward=self.inplace_backward, return_parts=self.return_parts,
-                    backend=self.backend)
+                    backend=self.backend, vocab_parallel_group=self.vocab_parallel_group)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.keywords().items())

@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _native
-from ._common import check_target_values, token_loss
+from . import _native, distributed
+from ._common import check_target_values, labels_checked, token_loss
 
 try:
     import triton
@@ -102,8 +102,8 @@ def gpu_target(device: torch.device):
 
 
 def _launch_options(kernel: str, z: Tensor, softcap: Optional[float], aligned: bool) -> dict:
-    """BLOCK, ALIGNED and the compile options of a launch of ``kernel`` ("forward", "backward"
-    or "scale") on the rows of z."""
+    """BLOCK, ALIGNED and the compile options of a launch of ``kernel`` ("forward", "backward",
+    "partials" (bounded like the forward) or "scale") on the rows of z."""
     block, threads, aligned_registers, other_registers = launch_config(z.shape[1], z.dtype)
     registers = aligned_registers if aligned else other_registers
     target = gpu_target(z.device)
@@ -167,10 +167,23 @@ def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, 
             z1, z2, labels, stats, grad_parts,
             dz1, dz2,
             n_rows, vocab_size,
-            z1.stride(0), z2.stride(0), dz1.stride(0),
+            z1.stride(0), z2.stride(0), dz1.stride(0), dz2.stride(0),
             has_target, ignore_index, label_smoothing * has_target, softcap or 1.0,
             SOFTCAP=softcap is not None,
             **_launch_options("backward", z1, softcap, rows_aligned(z1, z2, dz1, dz2)),
+        )
+
+
+def _triton_partials(z1, z2, out, label_smoothing, softcap):
+    n_rows, vocab_size = z1.shape
+    with _device_guard(z1.device):
+        triton_kernels._rdrop_partials_kernel[(n_rows,)](
+            z1, z2, out,
+            n_rows, vocab_size,
+            z1.stride(0), z2.stride(0),
+            label_smoothing, softcap or 1.0,
+            SOFTCAP=softcap is not None,
+            **_launch_options("partials", z1, softcap, rows_aligned(z1, z2)),
         )
 
 
@@ -194,6 +207,7 @@ def _torch_scale_rows(z1, z2, scale):
 
 FORWARD = {"triton": _triton_forward, "native": _native.forward}
 BACKWARD = {"triton": _triton_backward, "native": _native.backward}
+PARTIALS = {"triton": _triton_partials, "native": _native.partials}
 # gradients written in the forward pass times the upstream gradient; in place
 SCALE_ROWS = {"triton": _triton_scale_rows, "native": _torch_scale_rows}
 
@@ -264,6 +278,44 @@ def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, labe
         FORWARD[backend](z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
                          softcap, alpha, None if grads is None else halves(*grads))
     return parts, stats
+
+
+def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optional[float],
+                  backend: str) -> Tensor:
+    """Per-row partial statistics [9, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, V' (see fastrdrop.distributed)."""
+    out = torch.empty((9, z1.shape[0]), dtype=torch.float32, device=z1.device)
+    if z1.shape[0] > 0:
+        PARTIALS[backend](z1, z2, out, label_smoothing, softcap)
+    return out
+
+
+def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smoothing, softcap,
+                        backend):
+    """(parts [3, N], stats [N_STATS, N], this rank's labels for the backward kernels) of rows
+    [N, V_r] whose vocabulary is split across the ranks of ``group`` (logits2 None: logits1
+    [2N, V_r] holds both passes)."""
+    def check_labels(labels, total):
+        if labels is not None and labels_checked(labels, backend):
+            check_target_values(labels, int(total), ignore_index, backend)
+
+    return distributed.vocab_parallel_rows(
+        *halves(logits1, logits2), target, group, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, softcap=softcap, backend=backend,
+        partials_rows=partials_rows, check_labels=check_labels)
+
+
+def write_gradients(logits1, logits2, labels, stats, row_weight, alpha, ignore_index,
+                    label_smoothing, softcap, backend, grads):
+    """The gradients of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r from finished stats,
+    into ``grads`` (two tensors, or (one, None) for stacked logits; the logits themselves in
+    place)."""
+    z1, z2 = halves(logits1, logits2)
+    dz1, dz2 = halves(*grads)
+    grad_parts = torch.stack([row_weight, row_weight, alpha * row_weight]).float()
+    if z1.shape[0] > 0:
+        BACKWARD[backend](z1, z2, labels, stats, grad_parts, dz1, dz2, ignore_index,
+                          label_smoothing, softcap)
 
 
 @torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
@@ -362,13 +414,20 @@ def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class RDropFunction(torch.autograd.Function):
-    """(z1 [N, V], z2 [N, V], target [N] | None, ...) -> parts [3, N] = (CE_1, CE_2, symKL).
-    z2 None: z1 [2N, V] holds both passes, and its gradient is one [2N, V] buffer."""
+    """(z1 [N, V], z2 [N, V], target [N] | None, ..., group) -> parts [3, N] = (CE_1, CE_2,
+    symKL). z2 None: z1 [2N, V] holds both passes, and its gradient is one [2N, V] buffer.
+    group: the vocabulary is split across its ranks (the backward pass needs no communication)."""
 
     @staticmethod
-    def forward(ctx, logits1, logits2, target, ignore_index, label_smoothing, softcap, backend):
-        parts, stats = rdrop_forward(logits1, logits2, target, ignore_index, label_smoothing,
-                                     softcap, backend)
+    def forward(ctx, logits1, logits2, target, ignore_index, label_smoothing, softcap, backend,
+                group):
+        if group is None:
+            parts, stats = rdrop_forward(logits1, logits2, target, ignore_index,
+                                         label_smoothing, softcap, backend)
+        else:
+            parts, stats, target = vocab_parallel_rows(logits1, logits2, target, group,
+                                                       ignore_index, label_smoothing, softcap,
+                                                       backend)
         ctx.save_for_backward(logits1, logits2, target, stats)
         ctx.kernel_args = (ignore_index, label_smoothing, softcap, backend)
         return parts
@@ -379,11 +438,11 @@ class RDropFunction(torch.autograd.Function):
         grad_parts = grad_parts.float().contiguous()
         if logits2 is None:
             grad = stacked_rdrop_backward(logits1, target, stats, grad_parts, *ctx.kernel_args)
-            return grad, *[None] * 6
+            return grad, *[None] * 7
         dz1, dz2 = rdrop_backward(logits1, logits2, target, stats, grad_parts,
                                   *ctx.kernel_args)
         needs = ctx.needs_input_grad
-        return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 5
+        return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 6
 
 
 def take_gradients_once(ctx):
@@ -408,15 +467,23 @@ class RDropLossFunction(torch.autograd.Function):
     row while it is in cache: into the logits' own storage (inplace), or into new buffers. The
     backward pass then reads no logits; it only scales the gradients by the upstream gradient
     where that is not 1. New buffers serve a second backward (retain_graph=True) too: it
-    computes them again from the saved logits, as the default mode does."""
+    computes them again from the saved logits, as the default mode does. With a vocabulary split
+    across the ranks of ``group`` it runs in place only."""
 
     @staticmethod
     def forward(ctx, logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
-                softcap, backend, inplace):
+                softcap, backend, inplace, group):
         kernel_args = (ignore_index, label_smoothing, softcap, backend)
-        if inplace:
+        if inplace and group is not None:  # the stats of the whole rows first, then the writes
+            check_writable_rows(logits1, logits2)
+            parts, stats, labels = vocab_parallel_rows(logits1, logits2, target, group,
+                                                       *kernel_args)
+            write_gradients(logits1, logits2, labels, stats, row_weight, alpha, *kernel_args,
+                            grads=(logits1, logits2))
+        elif inplace:
             parts = rdrop_forward_inplace(logits1, logits2, target, row_weight, alpha,
                                           *kernel_args)
+        if inplace:
             # The kernel wrote through raw pointers: make autograd see it, so that an op that
             # saved the logits for its own backward fails loudly instead of reading gradients.
             torch.autograd.graph.increment_version(logits1)
@@ -441,7 +508,7 @@ class RDropLossFunction(torch.autograd.Function):
         # New buffers serve the first eager backward. A second one, or a traced one (compiled
         # autograd, which may replay it without running this code again), computes them again.
         if hasattr(ctx, "recompute") and (ctx.grads is None or torch.compiler.is_compiling()):
-            return (*_recomputed_gradients(ctx, grad_rows), *[None] * 8)
+            return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
         dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
@@ -452,7 +519,7 @@ class RDropLossFunction(torch.autograd.Function):
             dz2.mul_(scale)
         elif dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
-        return *grads, *[None] * 8
+        return *grads, *[None] * 9
 
 
 def _recomputed_gradients(ctx, grad_rows):

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import distributed
 from ._common import RDropParts, check_args, check_target_values, reduce_rows, row_weights
 
 
@@ -26,14 +27,21 @@ def rdrop_loss(
     label_smoothing: float = 0.0,
     softcap: Optional[float] = None,
     return_parts: bool = False,
+    vocab_parallel_group=None,
 ) -> Union[Tensor, RDropParts]:
     """``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``, per token, reduced.
 
     Same arguments and results as :func:`fastrdrop.rdrop_loss`. Computes in float32 (float64 for
-    float64 logits) whatever the input dtype.
+    float64 logits) whatever the input dtype. With ``vocab_parallel_group`` every rank gathers
+    the logits of the whole vocabulary and computes the loss of the whole rows; the gradient of
+    its slice is its share (nothing is communicated in the backward pass).
     """
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+    distributed.check_group(vocab_parallel_group)
+    if vocab_parallel_group is not None:
+        logits1 = distributed.gather_vocab(logits1, vocab_parallel_group)
+        logits2 = distributed.gather_vocab(logits2, vocab_parallel_group)
     vocab_size = logits1.shape[-1]
     check_target_values(target, vocab_size, ignore_index, "torch")
     compute_dtype = torch.promote_types(logits1.dtype, torch.float32)

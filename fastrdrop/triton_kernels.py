@@ -24,6 +24,10 @@ makes it +inf, as does a label on an absent entry. Such a row's gradients are Na
 label outside [0, V) that is not ignore_index makes its row's parts and gradients NaN; it is never
 read.
 
+With the vocabulary split across ranks, ``_rdrop_partials_kernel`` stops before the finishing
+steps: it writes each row's partial sums of its slice (``partials``, [9, n_rows]), which
+``fastrdrop.distributed`` reduces across the ranks and finishes into the same parts and stats.
+
 Per-row statistics kept for the backward pass (``stats``, shape [8, n_rows]):
 ``m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok`` (row_ok: 1, or 0 where the loss is not
 finite). Per-row loss parts (``parts``, shape [3, n_rows]): ``CE_1, CE_2, symKL``, all 0 for an
@@ -118,12 +122,12 @@ def _fill_rows(dz1_row_ptr, dz2_row_ptr, V, value, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
-               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """One streaming pass over a row: (CE_1, CE_2, symKL) and the stats
-    (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok)."""
-    # 1. online max m_k, and over vocab blocks, relative to it: s_k = sum exp(z_k - m_k),
-    #    t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0)
+def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
+              BLOCK: tl.constexpr):
+    """One streaming pass over a row: its partial statistics
+    (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V')."""
+    # online max m_k, and over vocab blocks, relative to it: s_k = sum exp(z_k - m_k),
+    # t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0)
     m1 = NEG_INF
     m2 = NEG_INF
     s1 = 0.0
@@ -160,6 +164,17 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
             n_present += tl.sum(present.to(tl.float32), 0)
         m1 = m1_new
         m2 = m2_new
+    return m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present
+
+
+@triton.jit
+def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
+               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+    """One streaming pass over a row: (CE_1, CE_2, symKL) and the stats
+    (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok)."""
+    # 1. the partial statistics of the whole row
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present = _row_sums(
+        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
 
     # 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, and 0 for a
     #    row with nothing present (both s_k are 0 only then)
@@ -299,18 +314,21 @@ def _rdrop_bwd_kernel(
     z1_ptr, z2_ptr, target_ptr, stats_ptr, grad_parts_ptr,   # inputs
     dz1_ptr, dz2_ptr,                                        # outputs [n_rows, V]
     n_rows, V,                                               # shapes
-    z1_row_stride, z2_row_stride, dz_row_stride,             # strides (the last dim is contiguous)
+    z1_row_stride, z2_row_stride,                            # strides (the last dim is contiguous)
+    dz1_row_stride, dz2_row_stride,
     has_target, ignore_index, eps, softcap,                  # loss parameters (target: int64)
     SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row: dz1, dz2 from the saved stats and the parts' upstream gradients."""
+    """One program per row: dz1, dz2 (which may be z1, z2) from the saved stats and the parts'
+    upstream gradients. A label outside [0, V) has no term here: with a vocabulary split across
+    ranks it is another rank's."""
     row = tl.program_id(0).to(tl.int64)
     n_rows = n_rows.to(tl.int64)
     V = _row_length(V, z1_ptr, ALIGNED)
     z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
     z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
-    dz1_row_ptr = _row(dz1_ptr, row, dz_row_stride, ALIGNED)
-    dz2_row_ptr = _row(dz2_ptr, row, dz_row_stride, ALIGNED)
+    dz1_row_ptr = _row(dz1_ptr, row, dz1_row_stride, ALIGNED)
+    dz2_row_ptr = _row(dz2_ptr, row, dz2_row_stride, ALIGNED)
 
     has_target = has_target != 0
     y = tl.load(target_ptr + row, mask=has_target, other=-1).to(tl.int64)
@@ -332,6 +350,35 @@ def _rdrop_bwd_kernel(
     _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
                m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok, c_ce1, c_ce2, c_kl, eps,
                softcap, SOFTCAP, BLOCK)
+
+
+@_jit
+def _rdrop_partials_kernel(
+    z1_ptr, z2_ptr,                                    # inputs [n_rows, V]
+    partials_ptr,                                      # output [9, n_rows] fp32
+    n_rows, V,                                         # shapes
+    z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
+    eps, softcap,                                      # eps > 0: also sigma_k and V'
+    SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """One program per row: the partial statistics (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V')
+    of a slice of the vocabulary, for fastrdrop.distributed to reduce across ranks."""
+    row = tl.program_id(0).to(tl.int64)
+    n_rows = n_rows.to(tl.int64)
+    V = _row_length(V, z1_ptr, ALIGNED)
+    z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
+    z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present = _row_sums(
+        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
+    tl.store(partials_ptr + row, m1)
+    tl.store(partials_ptr + n_rows + row, m2)
+    tl.store(partials_ptr + 2 * n_rows + row, s1)
+    tl.store(partials_ptr + 3 * n_rows + row, s2)
+    tl.store(partials_ptr + 4 * n_rows + row, t1)
+    tl.store(partials_ptr + 5 * n_rows + row, t2)
+    tl.store(partials_ptr + 6 * n_rows + row, sigma1)
+    tl.store(partials_ptr + 7 * n_rows + row, sigma2)
+    tl.store(partials_ptr + 8 * n_rows + row, n_present)
 
 
 @_jit

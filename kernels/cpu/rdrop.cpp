@@ -366,17 +366,23 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
   return {s1, s2, t1, t2, sz1, sz2, n, max1, max2};
 }
 
-// 1. online softmax over vocabulary blocks: each block is summed with the running maximum of
-//    the blocks before it as its shift (the first block finds its own maximum first), in one
-//    pass that also finds the block's maxima; a block that rises more than kHeadroom above its
-//    shift, where exp would come near overflow, is summed again with its own maxima;
-// 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, 0 for a row
-//    with nothing present (both s_k are 0 only then);
-// 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'), with
-//    sigma_k = sum (z_k - m_k) from the blocks' sums (z_k - shift) and their shifts.
+// The partial statistics of a row (or of its slice of a vocabulary split across ranks): each
+// pass's maximum m_k and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D,
+// and with smoothing sigma_k = sum (z_k - m_k) and V' (else V' = V and sigma_k = 0).
+struct RowSums {
+  float m1, m2;
+  double s1, s2, t1, t2, sigma1, sigma2, n_present;
+  bool guarded;  // D is infinite or NaN somewhere (a -inf logit): see grads_of
+};
+
+// Online softmax over vocabulary blocks: each block is summed with the running maximum of the
+// blocks before it as its shift (the first block finds its own maximum first), in one pass that
+// also finds the block's maxima; a block that rises more than kHeadroom above its shift, where
+// exp would come near overflow, is summed again with its own maxima. sigma_k comes from the
+// blocks' sums of (z_k - shift) and their shifts.
 template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
-RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o,
-                   const RowCache& cache = {}) {
+RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
+                 const RowCache& cache = {}) {
   constexpr float kHeadroom = 64.0f;  // 2048 * exp(64) stays far below FLT_MAX
   const float cap = o.softcap;
   float m1 = kNegInf, m2 = kNegInf;  // running maxima
@@ -460,33 +466,47 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
     m1 = new_m1;
     m2 = new_m2;
   }
+  RowSums u{m1, m2, s1, s2, t1, t2, 0.0, 0.0, n_present, guarded};
+  if constexpr (kSmoothing) {
+    const double ref1 = m1 == kNegInf ? 0.0 : m1, ref2 = m2 == kNegInf ? 0.0 : m2;
+    u.sigma1 = sum_z1 + (shifted1 - n_present * ref1);
+    u.sigma2 = sum_z2 + (shifted2 - n_present * ref2);
+  }
+  return u;
+}
+
+// 1. the partial statistics of the whole row;
+// 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, 0 for a row
+//    with nothing present (both s_k are 0 only then);
+// 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V').
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
+RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o,
+                   const RowCache& cache = {}) {
+  const RowSums u = row_sums<Fmt, kSoftcap, kSmoothing, kCache>(z1, z2, o, cache);
   RowStats r{};
-  r.guarded = guarded;
-  const double log_s1 = std::log(s1), log_s2 = std::log(s2);
-  r.m1 = m1;
-  r.m2 = m2;
+  r.guarded = u.guarded;
+  const double log_s1 = std::log(u.s1), log_s2 = std::log(u.s2);
+  r.m1 = u.m1;
+  r.m2 = u.m2;
   r.log_s1 = static_cast<float>(log_s1);
   r.log_s2 = static_cast<float>(log_s2);
-  r.ep = static_cast<float>(t1 / s1);
-  r.eq = static_cast<float>(t2 / s2);
-  r.kl = s1 == 0 && s2 == 0 ? 0.0f : static_cast<float>(0.5 * (t1 / s1 - t2 / s2));
-  r.n_present = static_cast<float>(n_present);  // V' with smoothing, where it is used; else V
+  r.ep = static_cast<float>(u.t1 / u.s1);
+  r.eq = static_cast<float>(u.t2 / u.s2);
+  r.kl = u.s1 == 0 && u.s2 == 0 ? 0.0f : static_cast<float>(0.5 * (u.t1 / u.s1 - u.t2 / u.s2));
+  r.n_present = static_cast<float>(u.n_present);  // V' with smoothing, where it is used; else V
   if (o.has_target) {
     float zy1, zy2;
-    load_pair<Fmt, kSoftcap>(z1, z2, y, cap, zy1, zy2);
+    load_pair<Fmt, kSoftcap>(z1, z2, y, o.softcap, zy1, zy2);
     // a_k = z_k[y] - m_k: exact where it matters; -inf for a label of probability 0
     const bool zero1 = zy1 == kNegInf, zero2 = zy2 == kNegInf;
-    const double a1 = zero1 ? kNegInf : static_cast<double>(zy1) - m1;
-    const double a2 = zero2 ? kNegInf : static_cast<double>(zy2) - m2;
+    const double a1 = zero1 ? kNegInf : static_cast<double>(zy1) - u.m1;
+    const double a2 = zero2 ? kNegInf : static_cast<double>(zy2) - u.m2;
     // (log s - a) + eps (a - sigma / V'): exactly 0 where it is 0 (V' = 1); a label of
     // probability 0 has an infinite cross entropy (also in a row with nothing present)
     double ce1 = zero1 ? -kNegInf : log_s1 - a1, ce2 = zero2 ? -kNegInf : log_s2 - a2;
     if constexpr (kSmoothing) {
-      const double ref1 = m1 == kNegInf ? 0.0 : m1, ref2 = m2 == kNegInf ? 0.0 : m2;
-      const double sigma1 = sum_z1 + (shifted1 - n_present * ref1);
-      const double sigma2 = sum_z2 + (shifted2 - n_present * ref2);
-      ce1 += zero1 ? 0.0 : o.eps * (a1 - sigma1 / n_present);
-      ce2 += zero2 ? 0.0 : o.eps * (a2 - sigma2 / n_present);
+      ce1 += zero1 ? 0.0 : o.eps * (a1 - u.sigma1 / u.n_present);
+      ce2 += zero2 ? 0.0 : o.eps * (a2 - u.sigma2 / u.n_present);
     }
     r.ce1 = static_cast<float>(ce1);
     r.ce2 = static_cast<float>(ce2);
@@ -624,9 +644,12 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
                const Options& o) {
   if (filled<Fmt>(st, dz1, dz2, o.vocab)) return;
   const GradForm f = grad_form(st, c_ce1, c_ce2, c_kl, o);
+  // a label outside [0, V) has no term here: with a vocabulary split across ranks it is another
+  // rank's (the smoothing term stays)
+  const bool label_local = o.has_target && y >= 0 && y < o.vocab;
   float label1 = 0.0f, label2 = 0.0f;  // read before the loop: dz may overwrite z
   const bool label_here =
-      o.has_target && load_pair<Fmt, kSoftcap>(z1, z2, y, o.softcap, label1, label2);
+      label_local && load_pair<Fmt, kSoftcap>(z1, z2, y, o.softcap, label1, label2);
   auto run = [&](auto smoothing) {
     by_words<Fmt>(o.vocab, [&](auto tag, int64_t at, int64_t count) {
       using W = typename decltype(tag)::type;
@@ -639,7 +662,7 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
   } else {
     run(std::false_type{});
   }
-  if (o.has_target) {
+  if (label_local) {
     label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp(label1 - f.m1 - f.log_s1),
                                vexp(label2 - f.m2 - f.log_s2), label1, label2, label_here, f, o);
   }
@@ -780,13 +803,14 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
 }
 
 template <typename Fmt, bool kSoftcap>
-void backward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t stride2, int64_t n_rows,
-              const int64_t* target, const Options& o, const float* stats,
-              const float* grad_parts, Elem<Fmt>* dz1, Elem<Fmt>* dz2, int num_threads) {
+void backward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t stride2,
+              int64_t n_rows, const int64_t* target, const Options& o, const float* stats,
+              const float* grad_parts, Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t dstride1,
+              int64_t dstride2, int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t row = 0; row < n_rows; ++row) {
-    Elem<Fmt>* d1 = dz1 + row * o.vocab;
-    Elem<Fmt>* d2 = dz2 + row * o.vocab;
+    Elem<Fmt>* d1 = dz1 + row * dstride1;
+    Elem<Fmt>* d2 = dz2 + row * dstride2;
     if (ignored(target, row, o)) {
       fill_rows<Fmt>(d1, d2, o.vocab, 0.0f);
       continue;
@@ -853,7 +877,7 @@ int dispatch(int dtype, bool softcap, F&& f) {
 extern "C" {
 
 // Bumped whenever a signature below changes: the loader refuses a stale build.
-FASTRDROP_API int fastrdrop_cpu_abi_version() { return 3; }
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 4; }
 
 // z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
 // NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [8, n_rows]. row_weight: NULL
@@ -880,22 +904,51 @@ FASTRDROP_API int fastrdrop_cpu_forward(void* z1, void* z2, int64_t stride1, int
   });
 }
 
-// grad_parts: float [3, n_rows], the upstream gradients of (CE_1, CE_2, symKL);
-// dz1, dz2: contiguous [n_rows, vocab] of `dtype`.
-FASTRDROP_API int fastrdrop_cpu_backward(const void* z1, const void* z2, int64_t stride1, int64_t stride2,
-                           int dtype, int64_t n_rows, int64_t vocab, const int64_t* target,
-                           int64_t ignore_index, float label_smoothing, float softcap,
-                           const float* stats, const float* grad_parts, void* dz1, void* dz2,
-                           int num_threads) {
+// grad_parts: float [3, n_rows], the upstream gradients of (CE_1, CE_2, symKL); dz1, dz2:
+// [n_rows, vocab] of `dtype` with row strides dstride1, dstride2, which may be z1, z2
+// themselves. A label outside [0, vocab) that is not ignore_index has no term (another rank's).
+FASTRDROP_API int fastrdrop_cpu_backward(const void* z1, const void* z2, int64_t stride1,
+                                         int64_t stride2, int dtype, int64_t n_rows, int64_t vocab,
+                                         const int64_t* target, int64_t ignore_index,
+                                         float label_smoothing, float softcap, const float* stats,
+                                         const float* grad_parts, void* dz1, void* dz2,
+                                         int64_t dstride1, int64_t dstride2, int num_threads) {
   const Options o{vocab, ignore_index, label_smoothing, softcap, target != nullptr};
   return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
     using Fmt = typename decltype(tag)::type;
     using T = Elem<Fmt>;
-    advise_huge_pages(dz1, n_rows * vocab * int64_t{sizeof(T)});
-    advise_huge_pages(dz2, n_rows * vocab * int64_t{sizeof(T)});
+    if (dz1 != z1) {
+      advise_huge_pages(dz1, n_rows * dstride1 * int64_t{sizeof(T)});
+      advise_huge_pages(dz2, n_rows * dstride2 * int64_t{sizeof(T)});
+    }
     backward<Fmt, has_softcap>(static_cast<const T*>(z1), static_cast<const T*>(z2), stride1,
-                             stride2, n_rows, target, o, stats, grad_parts, static_cast<T*>(dz1),
-                             static_cast<T*>(dz2), num_threads);
+                               stride2, n_rows, target, o, stats, grad_parts, static_cast<T*>(dz1),
+                               static_cast<T*>(dz2), dstride1, dstride2, num_threads);
+  });
+}
+
+// partials: float [9, n_rows], each row's partial statistics over its `vocab` entries (a slice
+// of a vocabulary split across ranks): m1, m2, s1, s2, t1, t2, sigma1, sigma2, V' (sigma_k and
+// V' with smoothing only; else 0 and vocab).
+FASTRDROP_API int fastrdrop_cpu_partials(const void* z1, const void* z2, int64_t stride1,
+                                         int64_t stride2, int dtype, int64_t n_rows, int64_t vocab,
+                                         int smoothing, float softcap, float* partials,
+                                         int num_threads) {
+  const Options o{vocab, 0, smoothing ? 1.0f : 0.0f, softcap, smoothing != 0};
+  return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
+    using Fmt = typename decltype(tag)::type;
+    using T = Elem<Fmt>;
+    constexpr bool kSoftcap = decltype(has_softcap)::value;
+#pragma omp parallel for schedule(static) num_threads(num_threads)
+    for (int64_t row = 0; row < n_rows; ++row) {
+      const T* r1 = static_cast<const T*>(z1) + row * stride1;
+      const T* r2 = static_cast<const T*>(z2) + row * stride2;
+      const RowSums u = smoothing ? row_sums<Fmt, kSoftcap, true>(r1, r2, o)
+                                  : row_sums<Fmt, kSoftcap, false>(r1, r2, o);
+      const double values[9] = {u.m1, u.m2, u.s1, u.s2, u.t1, u.t2, u.sigma1, u.sigma2,
+                                u.n_present};
+      for (int k = 0; k < 9; ++k) partials[k * n_rows + row] = static_cast<float>(values[k]);
+    }
   });
 }
 

@@ -1,0 +1,134 @@
+"""Runs a test body on several gloo ranks, each a process of its own, and never hangs.
+
+``run_ranks(body, world)`` starts ``world`` processes (spawn), joins them into one gloo process
+group on loopback, and calls ``body(rank, world, *args)`` in each (``body`` a module-level
+function). It fails the test with a rank's traceback if one raises, and after ``timeout`` seconds
+with, for every rank still running, the last step it reached and the Python stack of each of its
+threads (``faulthandler``, on a signal), plus the native stacks where ``py-spy`` is installed,
+before it kills them. A rank counts as done only once its process has exited.
+
+The rendezvous is a TCPStore that the test process itself serves, on a port the system picks
+(no port chosen before the ranks start, so none can be taken in between), and that outlives every
+rank (no rank's exit can remove it from under another). Each rank registers its stack dump before
+it imports torch, gets one intra-op thread, and reaches a barrier before it tears its group down.
+"""
+
+import faulthandler
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+STACKS = signal.SIGUSR1  # a rank that gets it writes every thread's Python stack to its file
+
+
+def run_ranks(body, world: int, *args, timeout: float = 30.0) -> None:
+    """body(rank, world, *args) on ``world`` gloo ranks; raises AssertionError with what went
+    wrong: a rank's traceback, or every rank's step and stacks after ``timeout`` seconds."""
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    folder = Path(tempfile.mkdtemp(prefix="fastrdrop-ranks-"))
+    store = dist.TCPStore("127.0.0.1", 0, world + 1, is_master=True, wait_for_workers=False)
+    target = (body.__module__, body.__qualname__)
+    context = multiprocessing.get_context("spawn")
+    processes = [context.Process(target=_rank_main, daemon=True,
+                                 args=(target, rank, world, store.port, str(folder), args,
+                                       list(sys.path)))
+                 for rank in range(world)]
+    try:
+        for process in processes:
+            process.start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in processes):
+                time.sleep(0.5)  # let the others report too
+                raise AssertionError("\n".join(
+                    _report(folder, rank, p) for rank, p in enumerate(processes)
+                    if p.exitcode not in (None, 0)))
+            if all(p.exitcode == 0 for p in processes):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"ranks still running after {timeout:.0f} s:\n"
+                             + _stacks(folder, processes))
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
+            process.join(5)
+        del store
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _rank_main(target, rank, world, port, folder, args, path):
+    folder = Path(folder)
+    stacks = open(folder / f"stacks-{rank}.txt", "w")  # noqa: SIM115 (open until the exit)
+    faulthandler.register(STACKS, file=stacks, all_threads=True)
+    steps = folder / f"steps-{rank}.txt"
+
+    def step(name):
+        with open(steps, "a") as f:
+            f.write(f"{time.monotonic():.2f} {name}\n")
+
+    try:
+        step("started")
+        sys.path[:] = path
+        # loopback only: gloo would otherwise look its address up from the hostname
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+        import datetime
+        import importlib
+
+        import torch
+        import torch.distributed as dist
+
+        torch.set_num_threads(1)
+        module, name = target
+        body = getattr(importlib.import_module(module), name)
+        step("imported")
+        store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False,
+                              timeout=datetime.timedelta(seconds=20))
+        dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=20))
+        step("joined the group")
+        try:
+            body(rank, world, *args)
+            step("ran the body")
+            dist.barrier()  # no rank tears the group down while another still talks
+            step("passed the last barrier")
+        finally:
+            dist.destroy_process_group()
+            step("left the group")
+    except BaseException:
+        (folder / f"error-{rank}.txt").write_text(traceback.format_exc())
+        raise
+
+
+def _report(folder, rank, process):
+    error = folder / f"error-{rank}.txt"
+    text = error.read_text() if error.exists() else "(no traceback)"
+    return f"rank {rank} exited with {process.exitcode}:\n{text}"
+
+
+def _stacks(folder, processes):
+    alive = [(rank, p) for rank, p in enumerate(processes) if p.is_alive()]
+    for _, process in alive:
+        os.kill(process.pid, STACKS)
+    time.sleep(1.0)
+    py_spy = shutil.which("py-spy")
+    parts = []
+    for rank, process in alive:
+        steps = folder / f"steps-{rank}.txt"
+        done = steps.read_text() if steps.exists() else "(none)\n"
+        python = (folder / f"stacks-{rank}.txt").read_text()
+        parts.append(f"--- rank {rank} (pid {process.pid}); its steps:\n{done}Python:\n{python}")
+        if py_spy:
+            native = subprocess.run([py_spy, "dump", "--native", "--pid", str(process.pid)],
+                                    capture_output=True, text=True, timeout=20)
+            parts.append(f"--- rank {rank}, py-spy --native:\n{native.stdout}{native.stderr}")
+    return "\n".join(parts)

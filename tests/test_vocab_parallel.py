@@ -1,0 +1,190 @@
+"""Vocabulary-parallel R-Drop (vocab_parallel_group=) on 2, 3 and 4 gloo ranks, each holding a
+slice of the vocabulary (uneven, down to one entry), against the float64 oracle of one process on
+the whole vocabulary, by the rule of tests/oracle.py: the loss on every rank, and each rank's
+slice of the gradients. Every backend (the reference included) and every API (rdrop_loss,
+stacked_rdrop_loss, linear_rdrop_loss) over a covering grid of the keywords; the bytes that the
+collectives move; labels out of range; DTensor logits from ColwiseParallel."""
+
+import functools
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import fastrdrop
+from fastrdrop import reference
+
+from conftest import DEVICE, fused_backends
+from oracle import assert_oracle_rule, oracle_loss
+from ranks import run_ranks
+
+BACKENDS = [*fused_backends(), "torch"]
+# slice sizes per rank (V = 41): uneven, and one rank with a single entry
+SPLITS = {2: [29, 12], 3: [20, 1, 20], 4: [9, 12, 1, 19]}
+N, H = 5, 8
+
+# One covering grid: each keyword value appears (DESIGN.md section 9: every keyword gives the
+# one-process result). masked: a few entries -inf in both passes, and row 1 masked over the whole
+# slice of rank 1 (a rank that sees nothing of that row).
+CASES = [  # api, dtype, reduction, target, smoothing, softcap, in place, parts, masked
+    ("pair", torch.float32, "mean", True, 0.1, None, False, True, True),
+    ("pair", torch.bfloat16, "sum", False, 0.0, 20.0, True, False, False),
+    ("stacked", torch.float32, "none", True, 0.0, 20.0, True, True, True),
+    ("stacked", torch.bfloat16, "batchmean", True, 0.1, None, False, False, False),
+    ("pair", torch.float32, "none", False, 0.0, None, False, True, True),
+    ("linear", torch.float32, "mean", True, 0.1, 20.0, False, True, True),
+    ("linear", torch.float32, "none", False, 0.0, None, False, False, False),
+    ("linear", torch.bfloat16, "sum", True, 0.0, None, False, True, False),
+]
+
+
+def inputs(case, world):
+    """The whole problem, the same on every rank: logits or hidden states and a weight, labels."""
+    api, dtype, _, has_target, *_, masked = case
+    vocab = sum(SPLITS[world])
+    gen = torch.Generator().manual_seed(7)
+    if api == "linear":
+        h1 = torch.randn(N, H, generator=gen, dtype=torch.float64)
+        h2 = h1 + 0.3 * torch.randn(N, H, generator=gen, dtype=torch.float64)
+        weight = torch.randn(vocab, H, generator=gen, dtype=torch.float64) / H ** 0.5 * 3
+        tensors = [h1, h2, weight]
+    else:
+        z1 = 3 * torch.randn(N, vocab, generator=gen, dtype=torch.float64)
+        z2 = z1 + 0.5 * torch.randn(N, vocab, generator=gen, dtype=torch.float64)
+        if masked:
+            absent = torch.rand(N, vocab, generator=gen) < 0.2
+            start = SPLITS[world][0]
+            absent[1, start:start + SPLITS[world][1]] = True  # rank 1 sees none of row 1
+            absent[:, 0] = False
+            z1[absent] = z2[absent] = float("-inf")
+        tensors = [z1, z2]
+    target = None
+    if has_target:
+        target = torch.randint(0, vocab, (N,), generator=gen)
+        if api != "linear" and masked:  # labels on present entries
+            present = ~torch.isneginf(tensors[0])
+            target = torch.multinomial(present.float(), 1, generator=gen)[:, 0]
+        target[3] = -100
+    return [t.to(DEVICE, dtype) for t in tensors], None if target is None else target.to(DEVICE)
+
+
+def loss_and_grads(fn, tensors, grad_scale):
+    leaves = [t.detach().clone().requires_grad_() for t in tensors]
+    loss = fn(*leaves)
+    grad = torch.full_like(loss, grad_scale)
+    return loss.detach(), *torch.autograd.grad(loss, leaves, grad)
+
+
+def check_case(rank, world, backend, case):
+    api, dtype, reduction, _, smoothing, softcap, inplace, parts, _ = case
+    tensors, target = inputs(case, world)
+    start = sum(SPLITS[world][:rank])
+    rows = slice(start, start + SPLITS[world][rank])
+    options = dict(reduction=reduction, label_smoothing=smoothing, softcap=softcap, alpha=1.3)
+    group = dist.group.WORLD
+
+    if api == "linear":
+        h1, h2, weight = tensors
+
+        def fused(a, b, w):
+            return fastrdrop.linear_rdrop_loss(a, b, w, target, backend=backend,
+                                               vocab_parallel_group=group, chunk_size=2,
+                                               **options)
+
+        def single(fn, a, b, w):
+            return fn(a @ w.t(), b @ w.t(), target, **options)
+
+        got = loss_and_grads(fused, [h1, h2, weight[rows]], 0.7)
+        eager = loss_and_grads(functools.partial(single, reference.rdrop_loss), tensors, 0.7)
+        truth = loss_and_grads(functools.partial(single, oracle_loss),
+                               [t.double() for t in tensors], 0.7)
+        eager, truth = (r[:3] + (r[3][rows],) for r in (eager, truth))
+        whats = ("loss", "dhidden1", "dhidden2", "dweight slice")
+    else:
+        z1, z2 = tensors
+        keywords = dict(backend=backend, vocab_parallel_group=group, inplace_backward=inplace,
+                        return_parts=parts, **options)
+
+        def fused(a, b):
+            if api == "stacked":
+                out = fastrdrop.stacked_rdrop_loss(torch.cat([a, b]) * 1, target, **keywords)
+            else:
+                out = fastrdrop.rdrop_loss(a * 1, b * 1, target, **keywords)
+            return out.loss if parts else out
+
+        got = loss_and_grads(fused, [z1[:, rows], z2[:, rows]], 0.7)
+        eager = loss_and_grads(functools.partial(reference.rdrop_loss, target=target, **options),
+                               tensors, 0.7)
+        truth = loss_and_grads(functools.partial(oracle_loss, target=target, **options),
+                               [t.double() for t in tensors], 0.7)
+        eager, truth = ((r[0], r[1][:, rows], r[2][:, rows]) for r in (eager, truth))
+        whats = ("loss", "dlogits1 slice", "dlogits2 slice")
+        if parts:  # the parts too, the same on every rank
+            local = fastrdrop.rdrop_loss(z1[:, rows], z2[:, rows], target, **dict(
+                keywords, inplace_backward=False))
+            whole = reference.rdrop_loss(z1, z2, target, return_parts=True, **options)
+            for a, b in zip(local, whole, strict=True):
+                torch.testing.assert_close(a, b.float(), rtol=1e-4, atol=1e-5)
+    for what, f, e, t in zip(whats, got, eager, truth, strict=True):
+        assert_oracle_rule(f, e, t, dtype, f"rank {rank}/{world} {backend} {case}: {what}")
+
+
+def _cases_body(rank, world, backend):
+    for case in CASES:
+        check_case(rank, world, backend, case)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_matches_one_process(world, backend):
+    run_ranks(_cases_body, world, backend)
+
+
+def _bytes_body(rank, world, backend):
+    # what the collectives of one call carry: O(N) bytes, whatever V
+    sent = []
+    all_reduce = dist.all_reduce
+
+    def counting(tensor, *args, **kwargs):
+        sent.append(tensor.numel() * tensor.element_size())
+        return all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        vocab = 1000 * world
+        z1, z2 = (torch.randn(N, vocab // world, device=DEVICE, requires_grad=True)
+                  for _ in range(2))
+        target = torch.randint(0, vocab, (N,), device=DEVICE)
+        loss = fastrdrop.rdrop_loss(z1, z2, target, backend=backend, label_smoothing=0.1,
+                                    vocab_parallel_group=dist.group.WORLD)
+        forward = list(sent)
+        loss.backward()
+    finally:
+        dist.all_reduce = all_reduce
+    # one MAX all-reduce of 2 maxima per row and the slice sizes, one SUM of 9 sums per row
+    assert forward == [4 * (2 * N + world), 4 * 9 * N], forward
+    assert sent == forward  # the backward pass communicates nothing
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_collectives_move_o_of_n_bytes(backend):
+    run_ranks(_bytes_body, 2, backend)
+
+
+def _bad_label_body(rank, world):
+    z1, z2 = torch.randn(2, N, 10, device="cpu").unbind(0)
+    target = torch.full((N,), 2 * 10 + 3)  # past the whole vocabulary of 2 x 10
+    with pytest.raises(ValueError, match="outside"):
+        fastrdrop.rdrop_loss(z1, z2, target, backend="native",
+                             vocab_parallel_group=dist.group.WORLD)
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU backends check labels")
+def test_labels_past_the_whole_vocabulary_raise_on_every_rank():
+    run_ranks(_bad_label_body, 2)
+
+
+def test_group_must_be_a_process_group():
+    z = torch.randn(2, 4)
+    with pytest.raises(TypeError, match="vocab_parallel_group"):
+        fastrdrop.rdrop_loss(z, z, vocab_parallel_group="world")
