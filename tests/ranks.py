@@ -10,7 +10,16 @@ before it kills them. A rank counts as done only once its process has exited.
 The rendezvous is a TCPStore that the test process itself serves, on a port the system picks
 (no port chosen before the ranks start, so none can be taken in between), and that outlives every
 rank (no rank's exit can remove it from under another). Each rank registers its stack dump before
-it imports torch, gets one intra-op thread, and reaches a barrier before it tears its group down.
+it imports torch and gets one intra-op thread.
+
+A rank never tears its process group down: it passes a barrier and ends with ``os._exit``. The
+destructor of a gloo process group joins gloo's worker threads while its caller holds the GIL, and
+a worker thread that frees the last reference to a finished work item (whose thread-local state
+holds a Python object) needs the GIL first: a deadlock. It hung the DDP test under CPU load (one
+run in a few with 4 busy loops on 2 cores): DDP's reducer held the last reference to the group,
+which was destroyed when the worker function's frame was cleared, with no frame of it left on the
+stack; py-spy showed the main thread in ``ProcessGroupGloo::~ProcessGroupGloo`` ->
+``std::thread::join`` and gloo's worker in ``~AsyncBarrierWork`` -> ``gil_scoped_acquire``.
 """
 
 import faulthandler
@@ -96,17 +105,18 @@ def _rank_main(target, rank, world, port, folder, args, path):
         dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=20))
         step("joined the group")
-        try:
-            body(rank, world, *args)
-            step("ran the body")
-            dist.barrier()  # no rank tears the group down while another still talks
-            step("passed the last barrier")
-        finally:
-            dist.destroy_process_group()
-            step("left the group")
+        body(rank, world, *args)
+        step("ran the body")
+        dist.barrier()  # no rank leaves while another still talks to it
+        step("passed the last barrier")
+        code = 0
     except BaseException:
         (folder / f"error-{rank}.txt").write_text(traceback.format_exc())
-        raise
+        code = 1
+    # no teardown of the group (see the module docstring): the process ends here
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _report(folder, rank, process):
