@@ -55,11 +55,15 @@ def check_stacked_args(logits: Tensor, target: Optional[Tensor], **options) -> N
     check_options(**options)
 
 
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
 def _check_floating(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if not t.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or "
+                        f"float64), got dtype {t.dtype}")
 
 
 def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
@@ -97,6 +101,11 @@ def check_target(target: Optional[Tensor], like: Tensor, name: str, what: str) -
             f"target must be on the same device as {name} ({like.device}), got {target.device}")
 
 
+def check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+
+
 def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoothing: float,
                   softcap: Optional[float]) -> None:
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -116,9 +125,12 @@ def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoo
 
 
 def _check_real(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    # symbolic numbers of torch.compile(dynamic=True) too; comparisons, not math.isfinite, which
+    # a compiled graph cannot trace
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt,
+                                                          torch.SymFloat)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
-    if not math.isfinite(value):
+    if not (value == value and abs(value) != math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
 
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from . import distributed, ops, reference
 from ._common import (
     RDropParts,
+    check_backend,
     check_options,
     check_pair,
     check_target,
@@ -75,9 +76,7 @@ def linear_rdrop_loss(
     check_target(target, hidden1, "hidden1", "the hidden size")
     check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, softcap=softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     distributed.check_group(vocab_parallel_group)
     backend = resolve_backend(backend, hidden1)
 
@@ -115,6 +114,11 @@ class LinearRDropLoss(nn.Module):
                  return_parts: bool = False, chunk_size: Optional[int] = None,
                  backend: str = "auto", vocab_parallel_group=None) -> None:
         super().__init__()
+        check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                      label_smoothing=label_smoothing, softcap=softcap)
+        _check_chunk_size(chunk_size)
+        check_backend(backend)
+        distributed.check_group(vocab_parallel_group)
         self.kwargs = dict(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                            label_smoothing=label_smoothing, softcap=softcap,
                            return_parts=return_parts, chunk_size=chunk_size, backend=backend,
@@ -154,6 +158,12 @@ def _free_memory(device: torch.device) -> int:
     except OSError:
         pass
     return 8 << 30  # unknown: assume a modest machine
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+                                   or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> None:
@@ -199,15 +209,18 @@ class LinearRDropFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
+        ops.refuse_create_graph()
         if ctx.per_token:
             hidden1, hidden2, weight, bias, target, row_weight = ctx.saved_tensors
             _, grads = _chunks(hidden1, hidden2, weight, bias, target, grad_loss * row_weight,
                                ctx.options, ctx.needs_input_grad[:4])
         else:
             # scaled whatever the upstream gradient: reading it would synchronise with a GPU, and
-            # the [N, H] and [V, H] gradients cost little next to the chunks' matmuls
-            grads = tuple(None if g is None else g.mul_(grad_loss)
-                          for g in ops.take_gradients_once(ctx))
+            # the [N, H] and [V, H] gradients cost little next to the chunks' matmuls. Compiled,
+            # out of place: a compiled graph may run this backward more than once.
+            scale = (lambda g: g * grad_loss) if torch.compiler.is_compiling() else (
+                lambda g: g.mul_(grad_loss))
+            grads = tuple(None if g is None else scale(g) for g in ops.take_gradients_once(ctx))
         return (*grads, None, None, None, None)
 
 

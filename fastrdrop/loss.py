@@ -10,10 +10,11 @@ from torch import Tensor, nn
 
 from . import _native, distributed, ops, reference
 from ._common import (
-    BACKENDS,
     KERNEL_DTYPES,
     RDropParts,
     check_args,
+    check_backend,
+    check_options,
     check_stacked_args,
     reduce_rows,
     row_weights,
@@ -147,6 +148,15 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     if inplace_backward and logits1 is logits2:
         raise ValueError("logits2 must not be the same tensor as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
+    if inplace_backward and torch.compiler.is_compiling() and any(
+            t is not None and t._base is not None for t in (logits1, logits2)):
+        # A compiled graph can hand a view that the op mutates to the kernel at the wrong
+        # storage offset once it recompiles with dynamic shapes (the gradients of logits1 then
+        # went into logits2's rows): in place, compiled, the op takes whole tensors only.
+        raise ValueError(
+            f"{name1} must not be a view of another tensor when inplace_backward=True under "
+            "torch.compile: pass both passes as one tensor to stacked_rdrop_loss(logits, ...), "
+            "or compute the logits inside the compiled function without slicing them")
     labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
@@ -178,7 +188,8 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
 
 
 class _Keywords(nn.Module):
-    """The keywords of rdrop_loss, fixed at construction, for the module forms."""
+    """The keywords of rdrop_loss, fixed at construction (and checked there), for the module
+    forms."""
 
     def __init__(
         self,
@@ -194,6 +205,10 @@ class _Keywords(nn.Module):
         vocab_parallel_group=None,
     ) -> None:
         super().__init__()
+        check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
+                      label_smoothing=label_smoothing, softcap=softcap)
+        check_backend(backend)
+        distributed.check_group(vocab_parallel_group)
         self.alpha = alpha
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -260,8 +275,7 @@ def _warn_once(message: str) -> None:
 
 
 def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    check_backend(backend)
     device = logits.device
     if backend == "auto":
         return default_backend(device) if logits.dtype in KERNEL_DTYPES else "torch"

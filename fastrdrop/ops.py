@@ -434,15 +434,45 @@ class RDropFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_parts):
-        logits1, logits2, target, stats = ctx.saved_tensors
-        grad_parts = grad_parts.float().contiguous()
-        if logits2 is None:
-            grad = stacked_rdrop_backward(logits1, target, stats, grad_parts, *ctx.kernel_args)
-            return grad, *[None] * 7
-        dz1, dz2 = rdrop_backward(logits1, logits2, target, stats, grad_parts,
-                                  *ctx.kernel_args)
-        needs = ctx.needs_input_grad
-        return (dz1 if needs[0] else None), (dz2 if needs[1] else None), *[None] * 6
+        return *_parts_backward(ctx, grad_parts), *[None] * 6
+
+
+def _parts_backward(ctx, grad_parts):
+    """(dlogits1, dlogits2 or None) from the parts' upstream gradients [3, N], given what the
+    forward pass saved: the logits, the labels, the stats."""
+    refuse_create_graph()
+    logits1, logits2, target, stats = ctx.saved_tensors
+    grad_parts = grad_parts.float().contiguous()
+    if logits2 is None:
+        return stacked_rdrop_backward(logits1, target, stats, grad_parts, *ctx.kernel_args), None
+    dz1, dz2 = rdrop_backward(logits1, logits2, target, stats, grad_parts, *ctx.kernel_args)
+    needs = ctx.needs_input_grad
+    return (dz1 if needs[0] else None), (dz2 if needs[1] else None)
+
+
+def _rdrop_forward_setup_context(ctx, inputs, output):
+    logits1, logits2, target, ignore_index, label_smoothing, softcap, backend = inputs
+    ctx.save_for_backward(logits1, logits2, target, output[1])
+    ctx.kernel_args = (ignore_index, label_smoothing, softcap, backend)
+
+
+# The custom op is differentiable by itself too, with RDropFunction's backward: graphs that hold
+# it without the Function around it (torch.export traces the op) keep their gradients.
+torch.library.register_autograd(
+    "fastrdrop::rdrop_forward",
+    lambda ctx, grad_parts, _grad_stats: (*_parts_backward(ctx, grad_parts), *[None] * 5),
+    setup_context=_rdrop_forward_setup_context)
+
+
+def refuse_create_graph():
+    """Backward passes with create_graph=True run with grad mode on: the fused backward passes
+    are kernels, whose results carry no graph, so a gradient of the gradient would silently miss
+    their part. Refused at once instead."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError(
+            "fastrdrop: create_graph=True (a gradient of the gradient) is not supported by the "
+            "fused kernels, whose backward pass is not differentiable; backend='torch' (the "
+            "PyTorch reference) supports it")
 
 
 def take_gradients_once(ctx):
@@ -505,19 +535,25 @@ class RDropLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_rows, _grad_parts):
+        refuse_create_graph()
         # New buffers serve the first eager backward. A second one, or a traced one (compiled
         # autograd, which may replay it without running this code again), computes them again.
         if hasattr(ctx, "recompute") and (ctx.grads is None or torch.compiler.is_compiling()):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
+        if torch.compiler.is_compiling():
+            # A compiled graph may run this backward more than once (retain_graph=True), so the
+            # gradients stay as they are and each run returns them times its upstream gradient,
+            # as new tensors (scaling them in place would scale them again on every run).
+            scale = grad_rows.reshape(-1, 1).float()
+            if grads[1] is None:  # stacked: both halves take their row's upstream gradient
+                scale = torch.cat([scale, scale])
+            return (*(None if g is None else (g.float() * scale).to(g.dtype) for g in grads),
+                    *[None] * 9)
         dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
-        if torch.compiler.is_compiling():
-            scale = grad_rows.reshape(-1, 1)
-            dz1.mul_(scale)
-            dz2.mul_(scale)
-        elif dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
+        if dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
         return *grads, *[None] * 9
 

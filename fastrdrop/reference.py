@@ -85,7 +85,7 @@ def rdrop_loss(
     if target is None:
         ce1 = ce2 = torch.zeros_like(kl)
     else:
-        labels = target.reshape(-1)
+        labels = target.reshape(-1).long()  # any integer dtype: nll_loss and gather take int64
         counted = labels != ignore_index
         # An unchecked label outside [0, V) (on GPU, see fastrdrop.set_label_check) is not read:
         # its token's parts, and through them its gradients, are NaN.

@@ -1,5 +1,7 @@
-"""torch.compile(fullgraph=True) traces rdrop_loss and StackedRDropLoss through their custom ops,
-without graph breaks."""
+"""torch.compile(fullgraph=True) traces rdrop_loss, StackedRDropLoss and linear_rdrop_loss
+through their custom ops, without graph breaks, and gives eager's results: static shapes, a
+sequence length that changes between calls (the recompile with dynamic shapes), dynamic=True,
+and a second backward of a compiled in-place loss."""
 
 import pytest
 import torch
@@ -22,19 +24,102 @@ def test_compile_fullgraph_matches_eager(backend, inplace, stacked):
     def step(logits, target):
         if stacked:
             parts = criterion(logits, target)
-        else:  # in-place: slices, as compiled graphs refuse in-place writes to chunk's views
-            z1, z2 = (logits[:5], logits[5:]) if inplace else logits.chunk(2)
-            parts = fastrdrop.rdrop_loss(z1, z2, target, **keywords)
+        else:
+            parts = fastrdrop.rdrop_loss(*logits.chunk(2), target, **keywords)
         return parts.loss * 3.0, parts.kl
 
     z1, z2 = logits_pair((5, 700), torch.float32)
     base = torch.cat([z1, z2])
     target = labels((5,), 700)
+    compiled = torch.compile(step, fullgraph=True)
+    if inplace and not stacked:
+        # views of one tensor, mutated in place, can reach the kernel at the wrong offset once a
+        # graph recompiles with dynamic shapes: refused at trace time, naming the way that works
+        with pytest.raises(Exception, match="stacked_rdrop_loss"):
+            compiled(base.clone().requires_grad_() * 1, target)
+        return
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
+    for fn in (step, compiled):
         leaf = base.clone().requires_grad_()
         loss, kl = fn(leaf * 1, target)
         loss.backward()
         results.append((loss.detach(), kl.detach(), leaf.grad))
-    for eager, compiled in zip(*results, strict=True):
-        torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    for eager, compiled_result in zip(*results, strict=True):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("inplace", [False, True])
+def test_sequence_length_changing_between_calls(backend, inplace):
+    # T = 3, then 5 and 7: the second shape makes dynamo recompile with dynamic shapes, where a
+    # mutated view once reached the kernel at storage offset 0 (the loss 6.04 instead of 7.13)
+    torch._dynamo.reset()
+
+    def step(logits, target):
+        return fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, alpha=0.7,
+                                            inplace_backward=inplace, label_smoothing=0.1)
+
+    compiled = torch.compile(step, fullgraph=True)
+    for length in (3, 5, 7):
+        z1, z2 = logits_pair((2, length, 60), torch.float32)
+        base, target = torch.cat([z1, z2]), labels((2, length), 60)
+        results = []
+        for fn in (step, compiled):
+            leaf = base.clone().requires_grad_()
+            loss = fn(leaf * 1, target)
+            loss.backward(torch.tensor(1.7))
+            results.append((loss.detach(), leaf.grad))
+        for eager, compiled_result in zip(*results, strict=True):
+            torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6,
+                                       msg=f"T={length}")
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("api", ["rdrop_loss", "RDropLoss", "linear_rdrop_loss"])
+def test_dynamic_true(backend, api):
+    # symbolic sizes from the first call; the argument checks once called math.isfinite, which
+    # dynamo cannot trace
+    torch._dynamo.reset()
+    weight = torch.randn(60, 8) / 8 ** 0.5
+
+    def fn(x, target):
+        if api == "rdrop_loss":
+            return fastrdrop.rdrop_loss(*x.chunk(2), target, alpha=0.5, backend=backend)
+        if api == "RDropLoss":
+            return fastrdrop.RDropLoss(alpha=0.5, backend=backend)(*x.chunk(2), target)
+        return fastrdrop.linear_rdrop_loss(*x.chunk(2), weight, target, alpha=0.5,
+                                           backend=backend, chunk_size=4)
+
+    compiled = torch.compile(fn, dynamic=True, fullgraph=True)
+    for rows in (3, 5):
+        width = 8 if api == "linear_rdrop_loss" else 60
+        x = 2 * torch.randn(2 * rows, width)
+        target = labels((rows,), 60)
+        torch.testing.assert_close(compiled(x, target), fn(x, target), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_compiled_inplace_second_backward(backend):
+    # retain_graph=True: two backward passes of a compiled in-place loss accumulate twice its
+    # gradient (the upstream gradient was applied in place to the logits on every run: 4x)
+    torch._dynamo.reset()
+
+    def step(logits, target):
+        return fastrdrop.stacked_rdrop_loss(logits, target, backend=backend,
+                                            inplace_backward=True)
+
+    z1, z2 = logits_pair((4, 90), torch.float32)
+    base, target = torch.cat([z1, z2]), labels((4,), 90)
+    grads = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaf = base.clone().requires_grad_()
+        loss = 3.0 * fn(leaf * 1, target)
+        loss.backward(retain_graph=True)
+        if fn is step:  # eager: the gradients served one backward; a second is refused
+            with pytest.raises(RuntimeError, match="already used"):
+                loss.backward()
+            grads.append(2 * leaf.grad)
+        else:
+            loss.backward()
+            grads.append(leaf.grad)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
