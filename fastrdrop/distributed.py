@@ -5,17 +5,19 @@ the slices in rank order (their sizes may differ). Each pass's log-sum-exp, the 
 E_p[D] and E_q[D] of the symmetric KL and the smoothing term are sums over the whole vocabulary
 (DESIGN.md section 2), so per row they come from each rank's partial statistics of its slice
 (``_rdrop_partials_kernel``; ``partials_rows`` in ops.py): the maxima m_k and, relative to them,
-s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum (z_k - m_k) and V'.
+s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum (z_k - m_k) and V'; and
+whether a position of the slice is -inf in one pass only (the row's KL is then +inf).
 
-1. MAX all-reduce of the two maxima per row, M_k = max_r m_k, and of each rank's V_r (one entry
-   per rank, the others 0), which gives every rank the offsets of the slices;
+1. MAX all-reduce of the two maxima per row, M_k = max_r m_k, of that one-pass flag, and of each
+   rank's V_r (one entry per rank, the others 0), which gives every rank the offsets of the
+   slices;
 2. each rank brings its sums to M_k: s_k exp(m_k - M_k), t_k exp(m_k - M_k),
    sigma_k + V'_r (m_k - M_k), and adds the label's logits z_k[y] where y is in its slice (0
    elsewhere: the sum over ranks is the owner's);
 3. SUM all-reduce of [s1, s2, t1, t2, sigma1, sigma2, V', z1[y], z2[y]], [9, N] float32;
 4. every rank finishes the same parts and stats from them, by the kernels' formulas.
 
-That is 4 (N + world) bytes, then 36 N bytes, per call: O(N), never O(N V). The backward pass
+That is 4 (3 N + world) bytes, then 36 N bytes, per call: O(N), never O(N V). The backward pass
 needs no communication: a rank's gradient needs the finished stats and, where the label is in its
 slice, its position there. The fused linear loss adds one SUM all-reduce of the hidden states'
 gradients, whose matmul with each rank's weight slice gives only that slice's share.
@@ -30,6 +32,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 NEG_INF = float("-inf")
+# The ignore_index of the local labels that vocab_parallel_rows returns for the backward kernels:
+# a global label may be any id, so y - offset may equal the caller's ignore_index (0, a pad id,
+# on rank 1 is global label V_0); local ids are in [0, V_r], so -1 is none of them.
+LOCAL_IGNORE = -1
 
 
 def check_group(group) -> None:
@@ -45,20 +51,22 @@ def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group,
                         ignore_index: int, label_smoothing: float, softcap: Optional[float],
                         backend: str, partials_rows, check_labels):
     """(parts [3, N], stats [8, N], labels for this rank's backward pass [N] or None) of the rows
-    z1, z2 [N, V_r] of this rank's slice. The labels are local: y - offset in the slice, the
-    ignore_index, or a position past V_r (another rank's label: no term here).
+    z1, z2 [N, V_r] of this rank's slice. The labels are local: y - offset in the slice,
+    LOCAL_IGNORE where ignored (the backward kernels take it as their ignore_index), or V_r
+    (another rank's label: no term here).
     ``partials_rows(z1, z2, label_smoothing, softcap, backend)`` launches the partials kernel;
     ``check_labels(target, V)`` checks the labels against the whole vocabulary (a 0-d tensor)."""
     n_rows, vocab = z1.shape
-    partials = partials_rows(z1, z2, label_smoothing, softcap, backend)  # [9, N]
+    partials = partials_rows(z1, z2, label_smoothing, softcap, backend)  # [10, N]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
-    # 1. the maxima of both passes, and the slice sizes
+    # 1. the maxima of both passes, the one-pass flag, and the slice sizes
     sizes = torch.zeros(world, dtype=torch.float32, device=z1.device)
     sizes[rank] = vocab
-    maxima = torch.cat([partials[0], partials[1], sizes])
+    maxima = torch.cat([partials[0], partials[1], partials[9], sizes])
     dist.all_reduce(maxima, op=dist.ReduceOp.MAX, group=group)
-    global_max, sizes = maxima[:2 * n_rows].view(2, n_rows), maxima[2 * n_rows:]
+    global_max, lone = maxima[:2 * n_rows].view(2, n_rows), maxima[2 * n_rows:3 * n_rows] > 0
+    sizes = maxima[3 * n_rows:]
     offset, total = sizes[:rank].sum().long(), sizes.sum().long()  # on the device: no sync
     check_labels(target, total)
 
@@ -81,7 +89,7 @@ def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group,
     dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
 
     # 4. the parts and stats of the whole rows
-    parts, stats = _finish(global_max, packed, target, ignore_index, label_smoothing)
+    parts, stats = _finish(global_max, packed, lone, target, ignore_index, label_smoothing)
     return parts, stats, labels
 
 
@@ -105,21 +113,20 @@ def _label_logits(z1, z2, target, offset, total, ignore_index, softcap):
     values = torch.where(here, values, 0.0)
     outside = ~ignored & ((labels < 0) | (labels >= total))
     values = torch.where(outside, float("nan"), values)
-    # a position no row has: past this slice, and not the ignore_index
-    elsewhere = vocab if ignore_index != vocab else vocab + 1
-    local_labels = torch.where(ignored, ignore_index,
-                               torch.where(here, labels - offset, elsewhere))
+    # another rank's label: V_r, a position no row of this slice has
+    local_labels = torch.where(ignored, LOCAL_IGNORE, torch.where(here, labels - offset, vocab))
     return values, local_labels
 
 
-def _finish(maxima, sums, target, ignore_index, eps):
+def _finish(maxima, sums, lone, target, ignore_index, eps):
     """parts [3, N] = (CE_1, CE_2, symKL) and stats [8, N] = (m1, m2, log s1, log s2, E_p[D],
-    E_q[D], V', row_ok) from the global maxima [2, N] and sums [9, N]: the finishing steps of the
-    kernels (triton_kernels._row_stats)."""
+    E_q[D], V', row_ok) from the global maxima [2, N], sums [9, N] and one-pass flags [N]: the
+    finishing steps of the kernels (triton_kernels._row_stats)."""
     s, t, sigma, n_present, label = sums[0:2], sums[2:4], sums[4:6], sums[6], sums[7:9]
     log_s = torch.log(s)
     expected = t / s  # E_p[D], E_q[D]
     kl = torch.where((s == 0).all(0), 0.0, 0.5 * (expected[0] - expected[1]))
+    kl = torch.where(lone & ~kl.isnan(), float("inf"), kl)
     ce = torch.zeros_like(s)
     if target is not None:
         # a = z[y] - m, -inf for a label of probability 0, whose cross entropy is inf
@@ -150,12 +157,20 @@ def all_reduce_sum(tensors, group) -> None:
         t.copy_(part.view_as(t))
 
 
-def agree_min(value: int, group, device) -> int:
-    """The smallest ``value`` over the ranks: a setting that every rank must share (the chunk
-    size of the fused linear loss, which sets how many collectives a call makes)."""
-    held = torch.tensor([value], dtype=torch.int64, device=device)
-    dist.all_reduce(held, op=dist.ReduceOp.MIN, group=group)
-    return int(held.item())
+_AGREED: dict = {}
+
+
+def agree_min(value: int, key: tuple, group, device) -> int:
+    """The smallest ``value`` over the ranks, for a setting that every rank must share (the chunk
+    size of the fused linear loss, which sets how many collectives a call makes). Once per
+    ``key``, which must be the same on every rank: that call reads the result back to the host;
+    later calls with the key (a training loop's later steps) make no collective and no read."""
+    key = (id(group), *key)
+    if key not in _AGREED:
+        held = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(held, op=dist.ReduceOp.MIN, group=group)
+        _AGREED[key] = int(held.item())
+    return _AGREED[key]
 
 
 class _GatheredVocab(torch.autograd.Function):

@@ -55,7 +55,9 @@ def linear_rdrop_loss(
             ``weight.requires_grad`` is False (a frozen head, as in LoRA fine-tuning).
         target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
         bias: [V] or None.
-        chunk_size: rows per chunk; None picks it with :func:`default_chunk_size`.
+        chunk_size: rows per chunk; None picks it with :func:`default_chunk_size` (with
+            ``vocab_parallel_group``, the smallest over the ranks, agreed once per shape of the
+            hidden states: that first call reads one number back to the host).
         alpha, ignore_index, reduction, label_smoothing, softcap, return_parts, backend: as in
             :func:`fastrdrop.rdrop_loss`. The parts of ``RDropParts`` carry no gradient.
         vocab_parallel_group: a process group whose rank r holds the rows of ``weight`` (and
@@ -89,7 +91,8 @@ def linear_rdrop_loss(
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
                                         h1.device)
         if vocab_parallel_group is not None:  # every rank makes the same collectives
-            chunk_size = distributed.agree_min(chunk_size, vocab_parallel_group, h1.device)
+            chunk_size = distributed.agree_min(chunk_size, (*h1.shape, h1.dtype),
+                                               vocab_parallel_group, h1.device)
     options = (float(alpha), ignore_index, float(label_smoothing),
                None if softcap is None else float(softcap), backend, chunk_size,
                vocab_parallel_group)
@@ -300,8 +303,8 @@ def _gradients_into_logits(z, labels, row_weight, alpha, kernel_args):
     backend = kernel_args[-1]
     if backend != "torch" and group is not None:
         parts, stats, local_labels = ops.vocab_parallel_rows(z, None, labels, group, *kernel_args)
-        ops.write_gradients(z, None, local_labels, stats, row_weight, alpha, *kernel_args,
-                            grads=(z, None))
+        ops.write_gradients(z, None, local_labels, stats, row_weight, alpha,
+                            distributed.LOCAL_IGNORE, *kernel_args[1:], grads=(z, None))
         return parts
     if backend != "torch":
         return ops.rdrop_forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)

@@ -282,9 +282,9 @@ def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, labe
 
 def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optional[float],
                   backend: str) -> Tensor:
-    """Per-row partial statistics [9, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
-    m1, m2, s1, s2, t1, t2, sigma1, sigma2, V' (see fastrdrop.distributed)."""
-    out = torch.empty((9, z1.shape[0]), dtype=torch.float32, device=z1.device)
+    """Per-row partial statistics [10, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone (see fastrdrop.distributed)."""
+    out = torch.empty((10, z1.shape[0]), dtype=torch.float32, device=z1.device)
     if z1.shape[0] > 0:
         PARTIALS[backend](z1, z2, out, label_smoothing, softcap)
     return out
@@ -292,9 +292,9 @@ def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optio
 
 def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smoothing, softcap,
                         backend):
-    """(parts [3, N], stats [N_STATS, N], this rank's labels for the backward kernels) of rows
-    [N, V_r] whose vocabulary is split across the ranks of ``group`` (logits2 None: logits1
-    [2N, V_r] holds both passes)."""
+    """(parts [3, N], stats [N_STATS, N], this rank's labels for the backward kernels, whose
+    ignore_index is distributed.LOCAL_IGNORE) of rows [N, V_r] whose vocabulary is split across
+    the ranks of ``group`` (logits2 None: logits1 [2N, V_r] holds both passes)."""
     def check_labels(labels, total):
         if labels is not None and labels_checked(labels, backend):
             check_target_values(labels, int(total), ignore_index, backend)
@@ -428,6 +428,7 @@ class RDropFunction(torch.autograd.Function):
             parts, stats, target = vocab_parallel_rows(logits1, logits2, target, group,
                                                        ignore_index, label_smoothing, softcap,
                                                        backend)
+            ignore_index = distributed.LOCAL_IGNORE  # of the local labels
         ctx.save_for_backward(logits1, logits2, target, stats)
         ctx.kernel_args = (ignore_index, label_smoothing, softcap, backend)
         return parts
@@ -508,8 +509,8 @@ class RDropLossFunction(torch.autograd.Function):
             check_writable_rows(logits1, logits2)
             parts, stats, labels = vocab_parallel_rows(logits1, logits2, target, group,
                                                        *kernel_args)
-            write_gradients(logits1, logits2, labels, stats, row_weight, alpha, *kernel_args,
-                            grads=(logits1, logits2))
+            write_gradients(logits1, logits2, labels, stats, row_weight, alpha,
+                            distributed.LOCAL_IGNORE, *kernel_args[1:], grads=(logits1, logits2))
         elif inplace:
             parts = rdrop_forward_inplace(logits1, logits2, target, row_weight, alpha,
                                           *kernel_args)

@@ -25,7 +25,7 @@ label outside [0, V) that is not ignore_index makes its row's parts and gradient
 read.
 
 With the vocabulary split across ranks, ``_rdrop_partials_kernel`` stops before the finishing
-steps: it writes each row's partial sums of its slice (``partials``, [9, n_rows]), which
+steps: it writes each row's partial sums of its slice (``partials``, [10, n_rows]), which
 ``fastrdrop.distributed`` reduces across the ranks and finishes into the same parts and stats.
 
 Per-row statistics kept for the backward pass (``stats``, shape [8, n_rows]):
@@ -125,9 +125,11 @@ def _fill_rows(dz1_row_ptr, dz2_row_ptr, V, value, BLOCK: tl.constexpr):
 def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
               BLOCK: tl.constexpr):
     """One streaming pass over a row: its partial statistics
-    (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V')."""
+    (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone)."""
     # online max m_k, and over vocab blocks, relative to it: s_k = sum exp(z_k - m_k),
-    # t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0)
+    # t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0);
+    # lone: 1 if a position is -inf in one pass only (its KL is +inf, whatever exp(z) rounds to;
+    # it adds nothing to t_k, which stays finite)
     m1 = NEG_INF
     m2 = NEG_INF
     s1 = 0.0
@@ -137,10 +139,13 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     sigma1 = 0.0
     sigma2 = 0.0
     n_present = 0.0
+    lone = 0.0
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
-        d = tl.where(present, z1 - z2, 0.0)
+        one_pass = (z1 == NEG_INF) != (z2 == NEG_INF)
+        lone = tl.maximum(lone, tl.max(one_pass.to(tl.float32), 0))
+        d = tl.where(present & ~one_pass, z1 - z2, 0.0)
         m1_new = tl.maximum(m1, tl.max(z1, 0))
         m2_new = tl.maximum(m2, tl.max(z2, 0))
         # shift by 0 while a row has seen nothing present, so that -inf - -inf never happens
@@ -164,7 +169,7 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
             n_present += tl.sum(present.to(tl.float32), 0)
         m1 = m1_new
         m2 = m2_new
-    return m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present
+    return m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone
 
 
 @triton.jit
@@ -173,7 +178,7 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
     """One streaming pass over a row: (CE_1, CE_2, symKL) and the stats
     (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok)."""
     # 1. the partial statistics of the whole row
-    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present = _row_sums(
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone = _row_sums(
         z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
 
     # 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, and 0 for a
@@ -183,6 +188,8 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
     ep = t1 / s1
     eq = t2 / s2
     kl = tl.where((s1 == 0) & (s2 == 0), 0.0, 0.5 * (ep - eq))
+    # -inf in one pass only: +inf (unless the row is NaN already, or a pass has no finite entry)
+    kl = tl.where((lone > 0) & (kl == kl), float("inf"), kl)
 
     # 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'); every part NaN for a
     #    label outside [0, V), which is not read
@@ -355,20 +362,20 @@ def _rdrop_bwd_kernel(
 @_jit
 def _rdrop_partials_kernel(
     z1_ptr, z2_ptr,                                    # inputs [n_rows, V]
-    partials_ptr,                                      # output [9, n_rows] fp32
+    partials_ptr,                                      # output [10, n_rows] fp32
     n_rows, V,                                         # shapes
     z1_row_stride, z2_row_stride,                      # strides (the last dim is contiguous)
     eps, softcap,                                      # eps > 0: also sigma_k and V'
     SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program per row: the partial statistics (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V')
-    of a slice of the vocabulary, for fastrdrop.distributed to reduce across ranks."""
+    """One program per row: the partial statistics (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V',
+    lone) of a slice of the vocabulary, for fastrdrop.distributed to reduce across ranks."""
     row = tl.program_id(0).to(tl.int64)
     n_rows = n_rows.to(tl.int64)
     V = _row_length(V, z1_ptr, ALIGNED)
     z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
     z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
-    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present = _row_sums(
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone = _row_sums(
         z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
     tl.store(partials_ptr + row, m1)
     tl.store(partials_ptr + n_rows + row, m2)
@@ -379,6 +386,7 @@ def _rdrop_partials_kernel(
     tl.store(partials_ptr + 6 * n_rows + row, sigma1)
     tl.store(partials_ptr + 7 * n_rows + row, sigma2)
     tl.store(partials_ptr + 8 * n_rows + row, n_present)
+    tl.store(partials_ptr + 9 * n_rows + row, lone)
 
 
 @_jit

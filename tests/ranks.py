@@ -1,6 +1,6 @@
 """Runs a test body on several gloo ranks, each a process of its own, and never hangs.
 
-``run_ranks(body, world)`` starts ``world`` processes (spawn), joins them into one gloo process
+``run_ranks(body, world)`` starts ``world`` processes (forkserver), joins them into one gloo process
 group on loopback, and calls ``body(rank, world, *args)`` in each (``body`` a module-level
 function). It fails the test with a rank's traceback if one raises, and after ``timeout`` seconds
 with, for every rank still running, the last step it reached and the Python stack of each of its

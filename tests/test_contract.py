@@ -16,18 +16,22 @@ BACKENDS = [*fused_backends(), "torch"]
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-@pytest.mark.parametrize("mode", ["default", "inplace", "linear"])
+@pytest.mark.parametrize("mode", ["default", "parts", "bf16", "inplace", "linear"])
 def test_create_graph_is_refused_by_the_fused_backends(backend, mode):
     # the fused backward passes are kernels: with create_graph=True their gradients would come
-    # back without a graph, and a gradient penalty would silently lose their part
-    z1, z2 = (z.requires_grad_() for z in logits_pair((3, 40), torch.float32))
+    # back without a graph, and a gradient penalty would silently lose their part. default:
+    # gradients made in the forward pass; parts, bf16: in the backward pass
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float32
+    z1, z2 = (z.requires_grad_() for z in logits_pair((3, 40), dtype))
     target = labels((3,), 40)
     if mode == "linear":
         weight = torch.randn(40, 40, device=DEVICE)
         loss = fastrdrop.linear_rdrop_loss(z1, z2, weight, target, backend=backend)
     else:
         loss = fastrdrop.rdrop_loss(z1 * 1, z2 * 1, target, backend=backend,
-                                    inplace_backward=mode == "inplace")
+                                    inplace_backward=mode == "inplace",
+                                    return_parts=mode == "parts")
+        loss = loss.loss if mode == "parts" else loss
     with pytest.raises(RuntimeError, match="create_graph"):
         torch.autograd.grad(loss, (z1, z2), create_graph=True)
 

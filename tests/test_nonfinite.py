@@ -55,6 +55,11 @@ CASES = {
         lambda z1, z2, y: (z1[0].__setitem__(int(y[0]), -INF), z2[0].__setitem__(int(y[0]), -INF)),
         INF),
     "nothing present": (lambda z1, z2, y: (z1[0].fill_(-INF), z2[0].fill_(-INF)), INF),
+    # the other pass's logit so far below its maximum that exp underflows: still probability
+    # 0 on one side only, +inf (the kernels once summed it away and gave a finite KL)
+    "-inf in one pass, far below in the other": (
+        lambda z1, z2, y: (z1[0].__setitem__(7, -INF), z2[0].__setitem__(7, z2[0].max() - 300)),
+        INF),
 }
 
 
@@ -150,3 +155,30 @@ def test_rows_at_the_largest_bf16(backend):
     expected = torch.log(torch.tensor(float(vocab_size)))
     torch.testing.assert_close(parts.loss.cpu(), 2 * expected)
     assert parts.kl.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_pass_minus_inf_then_a_rising_maximum(backend):
+    # a -inf in one pass in the first block, and logits 300 higher in a later one: rescaling the
+    # first block's sums by exp(-300) = 0 once made inf * 0 = NaN of the KL instead of +inf
+    z1, z2 = logits_pair((2, 3000), torch.float32)
+    z1[0, 5] = -INF
+    z1[0, 2500:], z2[0, 2500:] = z1[0, 2500:] + 300, z2[0, 2500:] + 300
+    loss, *grads = run(backend, False, False, z1, z2, labels((2,), 3000, ignored=0.0))
+    assert loss[0].item() == INF and torch.isfinite(loss[1])
+    for grad in grads:
+        assert torch.isnan(grad[0]).all() and torch.isfinite(grad[1]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_plus_inf_under_softcap_is_its_cap(backend):
+    # softcap maps +inf to c, as it maps a huge logit: the loss is finite, the same as with 1e30
+    z1, z2 = logits_pair((3, 40), torch.float32)
+    target = labels((3,), 40, ignored=0.0)
+    huge = z1.clone()
+    z1[0, 5], huge[0, 5] = INF, 1e30
+    got = run(backend, False, False, z1, z2, target, softcap=5.0)
+    want = run(backend, False, False, huge, z2, target, softcap=5.0)
+    for g, w in zip(got, want, strict=True):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, w)

@@ -25,22 +25,24 @@ N, H = 5, 8
 
 # One covering grid: each keyword value appears (DESIGN.md section 9: every keyword gives the
 # one-process result). masked: a few entries -inf in both passes, and row 1 masked over the whole
-# slice of rank 1 (a rank that sees nothing of that row).
-CASES = [  # api, dtype, reduction, target, smoothing, softcap, in place, parts, masked
-    ("pair", torch.float32, "mean", True, 0.1, None, False, True, True),
-    ("pair", torch.bfloat16, "sum", False, 0.0, 20.0, True, False, False),
-    ("stacked", torch.float32, "none", True, 0.0, 20.0, True, True, True),
-    ("stacked", torch.bfloat16, "batchmean", True, 0.1, None, False, False, False),
-    ("pair", torch.float32, "none", False, 0.0, None, False, True, True),
-    ("linear", torch.float32, "mean", True, 0.1, 20.0, False, True, True),
-    ("linear", torch.float32, "none", False, 0.0, None, False, False, False),
-    ("linear", torch.bfloat16, "sum", True, 0.0, None, False, True, False),
+# slice of rank 1 (a rank that sees nothing of that row). ignore_index 0: a pad id that is also
+# the local id, on rank 1, of the label V_0 that one token has.
+CASES = [  # api, dtype, reduction, target, smoothing, softcap, in place, parts, masked, ignore
+    ("pair", torch.float32, "mean", True, 0.1, None, False, True, True, -100),
+    ("pair", torch.bfloat16, "sum", False, 0.0, 20.0, True, False, False, -100),
+    ("stacked", torch.float32, "none", True, 0.0, 20.0, True, True, True, 0),
+    ("stacked", torch.bfloat16, "batchmean", True, 0.1, None, False, False, False, -100),
+    ("pair", torch.float32, "none", False, 0.0, None, False, True, True, -100),
+    ("pair", torch.float32, "sum", True, 0.1, None, False, False, False, 0),
+    ("linear", torch.float32, "mean", True, 0.1, 20.0, False, True, True, 0),
+    ("linear", torch.float32, "none", False, 0.0, None, False, False, False, -100),
+    ("linear", torch.bfloat16, "sum", True, 0.0, None, False, True, False, -100),
 ]
 
 
 def inputs(case, world):
     """The whole problem, the same on every rank: logits or hidden states and a weight, labels."""
-    api, dtype, _, has_target, *_, masked = case
+    api, dtype, _, has_target, *_, masked, ignore_index = case
     vocab = sum(SPLITS[world])
     gen = torch.Generator().manual_seed(7)
     if api == "linear":
@@ -56,6 +58,7 @@ def inputs(case, world):
             start = SPLITS[world][0]
             absent[1, start:start + SPLITS[world][1]] = True  # rank 1 sees none of row 1
             absent[:, 0] = False
+            absent[0, start] = False  # row 0's label may be V_0 (see ignore_index 0)
             z1[absent] = z2[absent] = float("-inf")
         tensors = [z1, z2]
     target = None
@@ -64,7 +67,9 @@ def inputs(case, world):
         if api != "linear" and masked:  # labels on present entries
             present = ~torch.isneginf(tensors[0])
             target = torch.multinomial(present.float(), 1, generator=gen)[:, 0]
-        target[3] = -100
+        target[3] = ignore_index
+        if ignore_index == 0:
+            target[0] = SPLITS[world][0]  # global V_0: local 0 on rank 1, a counted token
     return [t.to(DEVICE, dtype) for t in tensors], None if target is None else target.to(DEVICE)
 
 
@@ -76,11 +81,12 @@ def loss_and_grads(fn, tensors, grad_scale):
 
 
 def check_case(rank, world, backend, case):
-    api, dtype, reduction, _, smoothing, softcap, inplace, parts, _ = case
+    api, dtype, reduction, _, smoothing, softcap, inplace, parts, _, ignore_index = case
     tensors, target = inputs(case, world)
     start = sum(SPLITS[world][:rank])
     rows = slice(start, start + SPLITS[world][rank])
-    options = dict(reduction=reduction, label_smoothing=smoothing, softcap=softcap, alpha=1.3)
+    options = dict(reduction=reduction, label_smoothing=smoothing, softcap=softcap, alpha=1.3,
+                   ignore_index=ignore_index)
     group = dist.group.WORLD
 
     if api == "linear":
@@ -161,8 +167,8 @@ def _bytes_body(rank, world, backend):
         loss.backward()
     finally:
         dist.all_reduce = all_reduce
-    # one MAX all-reduce of 2 maxima per row and the slice sizes, one SUM of 9 sums per row
-    assert forward == [4 * (2 * N + world), 4 * 9 * N], forward
+    # one MAX all-reduce of 2 maxima and a flag per row and the slice sizes, one SUM of 9 sums
+    assert forward == [4 * (3 * N + world), 4 * 9 * N], forward
     assert sent == forward  # the backward pass communicates nothing
 
 

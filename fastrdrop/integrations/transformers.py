@@ -114,6 +114,7 @@ def rdrop_causal_lm_loss(
         out = model(**batch, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
         hidden = out.hidden_states[-1]
+        _check_unsharded(head.weight)
         parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight, labels[:, 1:],
                                   head.bias, softcap=softcap, chunk_size=chunk_size, **keywords)
     else:  # the model's own head (with its softcap): [2B, T, V], both passes stacked
@@ -124,6 +125,22 @@ def rdrop_causal_lm_loss(
     if num_items_in_batch is None:
         return parts
     return RDropParts(*(part / num_items_in_batch for part in parts))
+
+
+def _check_unsharded(weight: Tensor) -> None:
+    """The loss reads the head's weight after the model's forward, where FSDP2 leaves the root
+    module's parameters unsharded until the backward pass; a head sharded on its own is resharded
+    after its own forward."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return
+    if isinstance(weight, DTensor):
+        raise ValueError(
+            "the output embedding's weight is sharded when the loss reads it (fully_shard of "
+            "lm_head on its own?): keep lm_head in the root module's FSDP group "
+            "(fully_shard(model) after the decoder layers), which stays unsharded after the "
+            "forward pass")
 
 
 def _both_passes(batch: dict) -> dict:
@@ -224,7 +241,9 @@ class RDropTrainerMixin:
         self._rdrop_sums["kl"] += parts.kl.detach() * scale
         loss = parts.loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            loss = loss * self.accelerator.num_processes  # the token count is global
+            # the token count is global, over the data-parallel processes
+            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            loss = loss * (self.accelerator.num_processes // tensor_parallel)
         return (loss, {"ce": parts.ce1, "kl": parts.kl}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:

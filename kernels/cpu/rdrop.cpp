@@ -307,12 +307,16 @@ inline double rescale(float m_old, float shift) {
 // The sums of one block for fixed shifts: s_k = sum exp(z_k - shift_k), t_k = sum exp(z_k -
 // shift_k) D, sum (z_k - shift_k) and the count of present entries (smoothing only), and the
 // block's maxima.
+// d: the sum of D, finite unless some D is infinite or NaN (the fast pass's test); lone: 1 where
+// a position is -inf in one pass only (found by the guarded pass).
 struct BlockSums {
   float s1 = 0, s2 = 0, t1 = 0, t2 = 0, z1 = 0, z2 = 0, n = 0, max1 = kNegInf, max2 = kNegInf;
+  float d = 0, lone = 0;
 
   BlockSums& operator+=(const BlockSums& o) {
     s1 += o.s1, s2 += o.s2, t1 += o.t1, t2 += o.t2, z1 += o.z1, z2 += o.z2, n += o.n;
     max1 = std::max(max1, o.max1), max2 = std::max(max2, o.max2);
+    d += o.d, lone = std::max(lone, o.lone);
     return *this;
   }
 };
@@ -327,20 +331,21 @@ struct RowCache {
 };
 
 // The sums of lane kLane of words [0, words); with kCache the exponentials go to e1_out,
-// e2_out. kGuard: t_k takes 0 for exp(z_k - shift_k) D where the exponential is 0 and D infinite
-// (a -inf logit). Without it such a position makes t_k NaN or inf, and the block is summed
-// again with it.
+// e2_out. D is infinite or NaN only at a -inf logit. Without kGuard such a position makes the sum
+// of D non-finite, and the block is summed again with kGuard: t_k then takes 0 for exp(z_k -
+// shift_k) D where the exponential is 0 (0 * inf := 0), and nothing where the position is -inf
+// in one pass only, which it counts instead (its KL is +inf, whatever exp(z_k) rounds to).
 template <typename Fmt, int kLane, bool kSoftcap, bool kSmoothing, bool kCache, bool kGuard>
 inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t words, float cap,
                             float shift1, float shift2, float* __restrict e1_out,
                             float* __restrict e2_out) {
-  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0;
-  float max1 = kNegInf, max2 = kNegInf;
-#pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n) reduction(max : max1, max2)
+  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0, sd = 0;
+  float max1 = kNegInf, max2 = kNegInf, lone = 0;
+#pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n, sd) reduction(max : max1, max2, lone)
   for (int64_t k = 0; k < words; ++k) {
     float a = Fmt::template lane<kLane>(z1, k), b = Fmt::template lane<kLane>(z2, k);
     const bool here = present<kSoftcap>(a, b, cap);
-    const float d = a - b;  // inf or NaN only where e1 or e2 is 0
+    float d = a - b;  // inf or NaN only at a -inf logit
     const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
     if constexpr (kCache) {
       e1_out[k] = e1;
@@ -349,9 +354,13 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
     s1 += e1;
     s2 += e2;
     if constexpr (kGuard) {
+      const bool one_pass = here && (a == kNegInf || b == kNegInf);
+      lone = std::max(lone, one_pass ? 1.0f : 0.0f);
+      d = one_pass ? 0.0f : d;
       t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
       t2 += e2 > 0.0f ? e2 * d : 0.0f;
     } else {
+      sd += d;
       t1 += e1 * d;
       t2 += e2 * d;
     }
@@ -363,7 +372,7 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
     max1 = std::max(max1, a);
     max2 = std::max(max2, b);
   }
-  return {s1, s2, t1, t2, sz1, sz2, n, max1, max2};
+  return {s1, s2, t1, t2, sz1, sz2, n, max1, max2, sd, lone};
 }
 
 // The partial statistics of a row (or of its slice of a vocabulary split across ranks): each
@@ -373,6 +382,7 @@ struct RowSums {
   float m1, m2;
   double s1, s2, t1, t2, sigma1, sigma2, n_present;
   bool guarded;  // D is infinite or NaN somewhere (a -inf logit): see grads_of
+  bool lone;     // a position is -inf in one pass only: the KL is +inf
 };
 
 // Online softmax over vocabulary blocks: each block is summed with the running maximum of the
@@ -390,7 +400,7 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
   double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = o.vocab;
   double shifted1 = 0, shifted2 = 0;
   if constexpr (kSmoothing) n_present = 0;
-  bool guarded = false;
+  bool guarded = false, lone = false;
   auto block = [&](const Elem<Fmt>* b1, const Elem<Fmt>* b2, int64_t len, float shift1,
                    float shift2, float* e1, float* e2) {
     // element by element, or with kCache lane by lane, so that the gradient pass finds each
@@ -416,7 +426,7 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
       return b;
     };
     const BlockSums b = sums(std::false_type{});
-    if (std::isfinite(b.t1) && std::isfinite(b.t2)) return b;
+    if (std::isfinite(b.d)) return b;
     guarded = true;
     return sums(std::true_type{});
   };
@@ -463,10 +473,11 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
       shifted2 += b.n * static_cast<double>(shift2);
       n_present += b.n;
     }
+    lone = lone || b.lone > 0.0f;
     m1 = new_m1;
     m2 = new_m2;
   }
-  RowSums u{m1, m2, s1, s2, t1, t2, 0.0, 0.0, n_present, guarded};
+  RowSums u{m1, m2, s1, s2, t1, t2, 0.0, 0.0, n_present, guarded, lone};
   if constexpr (kSmoothing) {
     const double ref1 = m1 == kNegInf ? 0.0 : m1, ref2 = m2 == kNegInf ? 0.0 : m2;
     u.sigma1 = sum_z1 + (shifted1 - n_present * ref1);
@@ -493,6 +504,9 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
   r.ep = static_cast<float>(u.t1 / u.s1);
   r.eq = static_cast<float>(u.t2 / u.s2);
   r.kl = u.s1 == 0 && u.s2 == 0 ? 0.0f : static_cast<float>(0.5 * (u.t1 / u.s1 - u.t2 / u.s2));
+  // -inf in one pass only: that pass gives probability 0 where the other does not (unless the row
+  // is NaN already, or a pass has no finite entry)
+  if (u.lone && !std::isnan(r.kl)) r.kl = std::numeric_limits<float>::infinity();
   r.n_present = static_cast<float>(u.n_present);  // V' with smoothing, where it is used; else V
   if (o.has_target) {
     float zy1, zy2;
@@ -927,9 +941,9 @@ FASTRDROP_API int fastrdrop_cpu_backward(const void* z1, const void* z2, int64_t
   });
 }
 
-// partials: float [9, n_rows], each row's partial statistics over its `vocab` entries (a slice
+// partials: float [10, n_rows], each row's partial statistics over its `vocab` entries (a slice
 // of a vocabulary split across ranks): m1, m2, s1, s2, t1, t2, sigma1, sigma2, V' (sigma_k and
-// V' with smoothing only; else 0 and vocab).
+// V' with smoothing only; else 0 and vocab), and 1 where a position is -inf in one pass only.
 FASTRDROP_API int fastrdrop_cpu_partials(const void* z1, const void* z2, int64_t stride1,
                                          int64_t stride2, int dtype, int64_t n_rows, int64_t vocab,
                                          int smoothing, float softcap, float* partials,
@@ -945,9 +959,9 @@ FASTRDROP_API int fastrdrop_cpu_partials(const void* z1, const void* z2, int64_t
       const T* r2 = static_cast<const T*>(z2) + row * stride2;
       const RowSums u = smoothing ? row_sums<Fmt, kSoftcap, true>(r1, r2, o)
                                   : row_sums<Fmt, kSoftcap, false>(r1, r2, o);
-      const double values[9] = {u.m1, u.m2, u.s1, u.s2, u.t1, u.t2, u.sigma1, u.sigma2,
-                                u.n_present};
-      for (int k = 0; k < 9; ++k) partials[k * n_rows + row] = static_cast<float>(values[k]);
+      const double values[10] = {u.m1, u.m2, u.s1, u.s2, u.t1, u.t2, u.sigma1, u.sigma2,
+                                 u.n_present, u.lone ? 1.0 : 0.0};
+      for (int k = 0; k < 10; ++k) partials[k * n_rows + row] = static_cast<float>(values[k]);
     }
   });
 }
