@@ -40,7 +40,7 @@ PRESETS = {
                        modes=["fwd+bwd"], repeats=10, providers=LINEAR),
     # vocab_parallel_group= on 1, 2 and 4 gloo ranks of this machine (benchmarks/vocab_parallel.py)
     "cpu-vocab-parallel": dict(tokens=[1024], vocab=[131072], dtypes=["float32"],
-                               modes=["fwd+bwd"], repeats=5, worlds=[1, 2, 4]),
+                               modes=["fwd+bwd"], repeats=15, worlds=[1, 2, 4]),
 }
 
 
