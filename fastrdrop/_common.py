@@ -152,7 +152,10 @@ def set_label_check(enabled: bool) -> None:
 
 
 def labels_checked(target: Tensor, backend: str) -> bool:
-    """Whether :func:`check_target_values` reads the labels of this call (see set_label_check)."""
+    """Whether :func:`check_target_values` reads the labels of this call (see set_label_check).
+    Meta tensors have no values to read: shapes only, as in F.cross_entropy."""
+    if target.device.type == "meta":
+        return False
     return _LABEL_CHECK["always"] or (target.device.type == "cpu" and backend != "triton")
 
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import fastrdrop
+from fastrdrop import _common
 
 from conftest import DEVICE, fused_backends
 from inputs import labels, logits_pair
@@ -69,13 +70,21 @@ def test_empty_batches(backend, inplace):
     assert loss.item() == 0.0 and grad.shape == z.shape
 
 
-def test_meta_tensors_give_shapes():
-    # as F.cross_entropy does: shape propagation without data, labels included
+@pytest.mark.parametrize("label_check", [False, True])
+def test_meta_tensors_give_shapes(label_check, monkeypatch):
+    # as F.cross_entropy does: shape propagation without data, labels included, even with the
+    # label check forced on (it once read a meta label: "Tensor.item() cannot be called")
+    monkeypatch.setitem(_common._LABEL_CHECK, "always", label_check)
     z1, z2 = (torch.empty(2, 3, 50, device="meta") for _ in range(2))
+    h1, h2, weight = (torch.empty(*shape, device="meta") for shape in ((6, 8), (6, 8), (50, 8)))
     target = torch.empty(2, 3, dtype=torch.long, device="meta")
     for reduction, shape in (("mean", ()), ("none", (2, 3))):
-        loss = fastrdrop.rdrop_loss(z1, z2, target, reduction=reduction)
-        assert loss.device.type == "meta" and loss.shape == shape
+        for loss in (fastrdrop.rdrop_loss(z1, z2, target, reduction=reduction),
+                     fastrdrop.stacked_rdrop_loss(torch.cat([z1, z2]), target,
+                                                  reduction=reduction),
+                     fastrdrop.linear_rdrop_loss(h1, h2, weight, target.reshape(6),
+                                                 reduction=reduction).reshape(shape)):
+            assert loss.device.type == "meta" and loss.shape == shape
 
 
 def test_fp8_logits_are_a_type_error():
