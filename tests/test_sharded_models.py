@@ -1,6 +1,7 @@
 """The Transformers and TRL integrations on a tiny Llama sharded with FSDP2 (fully_shard per
 decoder layer, then the root), and the loss on logits that tensor parallelism leaves sharded over
-the vocabulary (ColwiseParallel on lm_head, a DTensor Shard(-1)), on 2 gloo ranks
+the vocabulary (ColwiseParallel on lm_head, a DTensor Shard(-1)), directly and through
+rdrop_causal_lm_loss, on 2 gloo ranks
 (tests/ranks.py), against one process: the loss and every parameter gradient, dropout on."""
 
 import warnings
@@ -50,15 +51,18 @@ def full_gradients(model):
             for name, p in model.named_parameters() if p.grad is not None}
 
 
-def compare_with_one_process(rank, world, make_model, loss_of):
+def compare_with_one_process(rank, world, make_model, loss_of, own_head=False):
     """FSDP2 over the ranks' rows against the one-process model on each rank's rows, the same
-    dropout masks (seeded), gradients averaged over the ranks as FSDP does."""
+    dropout masks (seeded), gradients averaged over the ranks as FSDP does. own_head: lm_head in
+    an FSDP group of its own."""
     from torch.distributed.fsdp import fully_shard
 
     sharded = make_model()
     base = sharded.get_base_model() if hasattr(sharded, "get_base_model") else sharded
     for layer in base.model.layers:
         fully_shard(layer)
+    if own_head:
+        fully_shard(base.lm_head)
     fully_shard(sharded)
     torch.manual_seed(10 + rank)
     loss = loss_of(sharded, batch(rank))
@@ -88,11 +92,13 @@ def _causal_lm_body(rank, world):
     compare_with_one_process(rank, world, tiny_llama, loss_of)
     compare_with_one_process(rank, world, lambda: tiny_llama(tied=True), loss_of)
     compare_with_one_process(rank, world, lambda: with_lora(tiny_llama()), loss_of)
+    # a head in its own group is resharded after its forward: the model's logits are used
+    compare_with_one_process(rank, world, tiny_llama, loss_of, own_head=True)
 
 
 def test_fsdp2_rdrop_causal_lm_loss():
-    # untied, tied and LoRA: the loss runs inside the root module's forward, where FSDP2 has
-    # unsharded the embedding and lm_head
+    # untied, tied, LoRA and lm_head in its own group: the loss runs inside the root module's
+    # forward, where FSDP2 has unsharded the embedding and lm_head
     run_ranks(_causal_lm_body, 2)
 
 
@@ -178,3 +184,37 @@ def _tensor_parallel_body(rank, world, stacked):
 @pytest.mark.parametrize("stacked", [False, True], ids=["rdrop_loss", "stacked_rdrop_loss"])
 def test_dtensor_logits_of_colwise_parallel(stacked):
     run_ranks(_tensor_parallel_body, 2, stacked)
+
+
+def _tensor_parallel_causal_lm_body(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (world,))
+    inputs = batch(0)  # the same rows on every rank
+    model = tiny_llama()
+    parallelize_module(model, mesh, {"lm_head": ColwiseParallel(output_layouts=Shard(-1),
+                                                                use_local_output=False)})
+    torch.manual_seed(5)
+    loss = rdrop_causal_lm_loss(model, **inputs, alpha=0.7).loss
+    loss.backward()
+    one = tiny_llama()
+    torch.manual_seed(5)
+    expected = rdrop_causal_lm_loss(one, **inputs, alpha=0.7).loss
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    got = full_gradients(model)
+    for name, p in one.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    # the local output, a plain tensor of this rank's vocabulary slice: refused, naming the fix
+    local = tiny_llama()
+    parallelize_module(local, mesh, {"lm_head": ColwiseParallel()})
+    with pytest.raises(ValueError, match="use_local_output=False"):
+        rdrop_causal_lm_loss(local, **inputs)
+
+
+def test_rdrop_causal_lm_loss_of_colwise_parallel_head():
+    # a tensor-parallel lm_head: its DTensor logits go to the vocabulary-parallel loss
+    warnings.simplefilter("ignore")
+    run_ranks(_tensor_parallel_causal_lm_body, 2)

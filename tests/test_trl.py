@@ -160,6 +160,12 @@ def test_warns_when_no_dropout_is_active(tmp_path):
     assert sum(w.category is NoDropoutWarning for w in warned) == 1  # once per model
 
 
+def test_loss_types_other_than_nll_are_refused(tmp_path):
+    # "dft" reweights TRL's own cross entropy: the R-Drop loss would silently ignore it
+    with pytest.raises(ValueError, match="loss_type must be 'nll', got 'dft'"):
+        trainer(tmp_path, "padding", options=dict(loss_type="dft"))
+
+
 def test_gradient_accumulation(tmp_path):
     # 2 micro-batches of 2 and 1 batch of 4 give the same update: the loss is normalised by the
     # label tokens of the whole step (num_items_in_batch), not per micro-batch

@@ -60,8 +60,11 @@ def rdrop_causal_lm_loss(
     computed from what the model's own forward returns (the model runs as a whole, so that
     wrappers such as FSDP see their forward): with a plain linear output embedding, its last
     hidden states, which go to :func:`fastrdrop.linear_rdrop_loss` with the head's weight (the
-    logits are never materialised whole); with any other head (LoRA on ``lm_head``), its
-    logits, which go to :func:`fastrdrop.stacked_rdrop_loss`.
+    logits are never materialised whole); with any other head (LoRA on ``lm_head``, FSDP2's
+    ``lm_head`` in a group of its own, a tensor-parallel ``lm_head`` whose weight is a DTensor),
+    its logits, which go to :func:`fastrdrop.stacked_rdrop_loss` (DTensor logits sharded on the
+    vocabulary included). A tensor-parallel head that returns its rank's slice of the logits as
+    a plain tensor raises ``ValueError``.
 
     Args:
         model: a ``*ForCausalLM`` model, or a PEFT model wrapping one. Its output embedding
@@ -109,16 +112,19 @@ def rdrop_causal_lm_loss(
                     reduction="mean" if num_items_in_batch is None else "sum",
                     return_parts=True)
     n = len(input_ids)
-    if type(head) is nn.Linear:
+    if type(head) is nn.Linear and not _is_dtensor(head.weight):
         # the last hidden states, and the logits of no position at all
         out = model(**batch, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
         hidden = out.hidden_states[-1]
-        _check_unsharded(head.weight)
         parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight, labels[:, 1:],
                                   head.bias, softcap=softcap, chunk_size=chunk_size, **keywords)
-    else:  # the model's own head (with its softcap): [2B, T, V], both passes stacked
+    else:
+        # the model's own head (with its softcap): [2B, T, V], both passes stacked. So for a head
+        # that is not a plain nn.Linear (LoRA, FSDP2's own group), and a tensor-parallel one,
+        # whose DTensor logits the loss takes as they are
         logits = model(**batch).logits
+        _check_whole_vocabulary(logits, head.weight)
         # position t predicts token t + 1; the last position predicts nothing
         shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
         parts = stacked_rdrop_loss(logits, shifted, **keywords)
@@ -127,20 +133,23 @@ def rdrop_causal_lm_loss(
     return RDropParts(*(part / num_items_in_batch for part in parts))
 
 
-def _check_unsharded(weight: Tensor) -> None:
-    """The loss reads the head's weight after the model's forward, where FSDP2 leaves the root
-    module's parameters unsharded until the backward pass; a head sharded on its own is resharded
-    after its own forward."""
+def _is_dtensor(t: Tensor) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:
-        return
-    if isinstance(weight, DTensor):
+        return False
+    return isinstance(t, DTensor)
+
+
+def _check_whole_vocabulary(logits: Tensor, weight: Tensor) -> None:
+    """Logits that hold a rank's slice of the vocabulary as a plain tensor would give a loss over
+    that slice alone."""
+    if _is_dtensor(weight) and not _is_dtensor(logits) and logits.shape[-1] != weight.shape[0]:
         raise ValueError(
-            "the output embedding's weight is sharded when the loss reads it (fully_shard of "
-            "lm_head on its own?): keep lm_head in the root module's FSDP group "
-            "(fully_shard(model) after the decoder layers), which stays unsharded after the "
-            "forward pass")
+            f"the model returns {logits.shape[-1]} of its {weight.shape[0]} vocabulary entries "
+            "as a plain tensor (a tensor-parallel lm_head that returns its local output): "
+            "parallelize lm_head with ColwiseParallel(output_layouts=Shard(-1), "
+            "use_local_output=False), whose DTensor logits the loss reduces across the ranks")
 
 
 def _both_passes(batch: dict) -> dict:

@@ -29,5 +29,14 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
     It normalises by the label tokens of all gradient-accumulation micro-batches, logs ``ce``
     and ``kl`` next to the loss, and evaluates with ``SFTTrainer``'s own loss (dropout off). In
     training it computes neither TRL's ``entropy`` nor its ``mean_token_accuracy``, which need
-    the logits that the fused loss never materialises; ``loss_type="dft"`` is not supported.
+    the logits that the fused loss never materialises. Its training loss is cross entropy plus
+    KL: a ``loss_type`` other than ``"nll"`` (``"dft"``) raises a ``ValueError``.
     """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        loss_type = getattr(self.args, "loss_type", "nll")
+        if loss_type != "nll":
+            raise ValueError(
+                f"RDropSFTTrainer trains with cross entropy plus the symmetric KL, so "
+                f"SFTConfig's loss_type must be 'nll', got {loss_type!r}")
