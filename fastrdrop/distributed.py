@@ -203,17 +203,25 @@ def gather_vocab(local: Tensor, group) -> Tensor:
     return _GatheredVocab.apply(local, group)
 
 
+def is_dtensor(t: Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without DTensor
+        return False
+    return isinstance(t, DTensor)
+
+
 def from_dtensor(*tensors, group=None):
     """DTensor logits sharded on the last dimension of a 1-D mesh -> (their local slices, ...,
     the mesh's process group); labels given as a DTensor -> the full labels. Plain tensors pass
     through with ``group``."""
-    try:
-        from torch.distributed.tensor import DTensor, Shard
-    except ImportError:  # torch without DTensor
+    if not any(is_dtensor(t) for t in tensors):
         return (*tensors, group)
+    from torch.distributed.tensor import Shard
+
     out = []
     for t in tensors:
-        if not isinstance(t, DTensor):
+        if not is_dtensor(t):
             out.append(t)
             continue
         if t.is_floating_point():

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from transformers import Trainer
 
 from .._common import RDropParts
+from ..distributed import is_dtensor
 from ..linear import linear_rdrop_loss
 from ..loss import stacked_rdrop_loss
 
@@ -112,7 +113,7 @@ def rdrop_causal_lm_loss(
                     reduction="mean" if num_items_in_batch is None else "sum",
                     return_parts=True)
     n = len(input_ids)
-    if type(head) is nn.Linear and not _is_dtensor(head.weight):
+    if type(head) is nn.Linear and not is_dtensor(head.weight):
         # the last hidden states, and the logits of no position at all
         out = model(**batch, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
@@ -133,18 +134,10 @@ def rdrop_causal_lm_loss(
     return RDropParts(*(part / num_items_in_batch for part in parts))
 
 
-def _is_dtensor(t: Tensor) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return isinstance(t, DTensor)
-
-
 def _check_whole_vocabulary(logits: Tensor, weight: Tensor) -> None:
     """Logits that hold a rank's slice of the vocabulary as a plain tensor would give a loss over
     that slice alone."""
-    if _is_dtensor(weight) and not _is_dtensor(logits) and logits.shape[-1] != weight.shape[0]:
+    if is_dtensor(weight) and not is_dtensor(logits) and logits.shape[-1] != weight.shape[0]:
         raise ValueError(
             f"the model returns {logits.shape[-1]} of its {weight.shape[0]} vocabulary entries "
             "as a plain tensor (a tensor-parallel lm_head that returns its local output): "
