@@ -13,6 +13,7 @@ import fastrdrop
 from fastrdrop import _native
 
 from inputs import labels, logits_pair
+from test_fused import DTYPES, check_case
 
 needs_native = pytest.mark.skipif(_native.unavailable_reason() is not None,
                                   reason=str(_native.unavailable_reason()))
@@ -42,6 +43,18 @@ def test_bit_identical_with_one_and_two_threads(dtype, inplace):
     two = forward_backward(z1, z2, target, 2, inplace, **kwargs)
     for x, y in zip(one, two, strict=True):
         assert torch.equal(x, y)
+
+
+# The fused pass's loops step 16 words at a time, with the rest under a mask and a 16-bit row's odd
+# last element apart: vocabularies around those sizes and past a block (2048), in both modes,
+# with smoothing, and with -inf entries (rows that take the guarded loops).
+@needs_native
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("vocab_size", [1, 2, 3, 31, 32, 33, 47, 2047, 2049, 4131])
+def test_every_tail_of_the_fused_loops(dtype, vocab_size):
+    for inplace, label_smoothing, masked in [(False, 0.0, 0.0), (True, 0.1, 0.0), (True, 0.0, 0.2)]:
+        check_case("native", (3, vocab_size), dtype, ignored=0.0, masked=masked,
+                   label_smoothing=label_smoothing, inplace=inplace)
 
 
 @needs_native

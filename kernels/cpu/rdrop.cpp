@@ -29,6 +29,15 @@
 // torch version. Rows may be strided (row stride in elements); the last dim is contiguous.
 
 #include <omp.h>
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define FASTRDROP_AVX512 1
+// GCC 12 warns of the intrinsics' own _mm512_undefined_* placeholders (GCC bug 105593)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#pragma GCC diagnostic pop
+#endif
 #if defined(__linux__)
 #include <sys/mman.h>
 #include <unistd.h>
@@ -217,24 +226,28 @@ inline int64_t lane_major(int64_t j, int64_t len) {
 // (1.7 ulp) for x in [-20, 0] and 4e-7 down to the smallest normal float. x is clamped at -88,
 // where n = -127 makes the exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no
 // test. Callers pass logits minus a shift at most kHeadroom below them, or minus their lse.
+namespace exp_coef {  // shared by vexp and its AVX-512 form, so that both give the same bits
+constexpr float kLowest = -88.0f;
+constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+constexpr uint32_t kMagicBits = 0x4B400000u;
+constexpr float kLog2e = 1.44269504088896341f;
+constexpr float kLn2 = 0.693147182f;
+// exp(r) = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), fitted for relative error on |r| <= ln2 / 2
+constexpr float kPoly[] = {8.33381e-3f, 4.189858e-2f, 1.6666887e-1f, 4.9999143e-1f, 1.0f, 1.0f};
+}  // namespace exp_coef
+
 [[gnu::always_inline]] inline float vexp(float x) {
-  const float xc = std::max(x, -88.0f);
+  using namespace exp_coef;
+  const float xc = std::max(x, kLowest);
   // t = x log2(e) + 1.5 * 2^23 rounds to an integer n that sits in t's low mantissa bits
-  const float magic = 12582912.0f;
-  const float t = xc * 1.44269504088896341f + magic;
-  const float n = t - magic;
-  const float r = xc - n * 0.693147182f;
-  // exp(r) = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), fitted for relative error on
-  // |r| <= ln2 / 2; Horner's scheme, five FMAs
-  float p = 8.33381e-3f;
-  p = p * r + 4.189858e-2f;
-  p = p * r + 1.6666887e-1f;
-  p = p * r + 4.9999143e-1f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  // 2^n: n + 127 into the exponent bits (0x4B400000: the bits of magic); unsigned, so that no
-  // input, NaN included, makes the shift undefined
-  const uint32_t scale_bits = (as_bits(t) - 0x4B400000u + 127u) << 23;
+  const float t = xc * kLog2e + kMagic;
+  const float n = t - kMagic;
+  const float r = xc - n * kLn2;
+  float p = kPoly[0];  // Horner's scheme, five FMAs
+  for (int i = 1; i < 6; ++i) p = p * r + kPoly[i];
+  // 2^n: n + 127 into the exponent bits; unsigned, so that no input, NaN included, makes the
+  // shift undefined
+  const uint32_t scale_bits = (as_bits(t) - kMagicBits + 127u) << 23;
   return p * as_float(scale_bits);
 }
 
@@ -244,6 +257,119 @@ inline int64_t lane_major(int64_t j, int64_t len) {
   const float t = (1.0f - e) / (1.0f + e);
   return c * (x < 0.0f ? -t : t);
 }
+
+#if FASTRDROP_AVX512
+// ---- AVX-512 forms of the fused pass's hot loops -----------------------------------------------
+//
+// GCC vectorises the loops below by itself, but with a block's nine reductions in registers it
+// reloads and converts each word once per lane, and packs 16-bit results element by element.
+// Where the build targets AVX-512 (F and BW), the two loops of the fused pass over rows with no
+// -inf, NaN or +inf (the common case; no softcap) are written out instead: 16 words a step, all
+// lanes of a word in the same step, the tail under a mask. exp and the conversions give the
+// same bits as vexp and Fmt::load / Fmt::store (but for bf16 results below 2^-126 with
+// AVX512-BF16, see Words<BF16>); sums differ in the order of their additions.
+namespace avx512 {
+
+using Vec = __m512;
+using Mask = __mmask16;
+
+inline Vec set(float x) { return _mm512_set1_ps(x); }
+
+// The stats pass reads each row once from memory, in blocks of kBlock elements (a 4 KiB page of
+// a 16-bit row), and the hardware prefetchers do not cross pages: each step asks for the line a
+// page ahead, so that the next block is on its way before the loop reaches it.
+template <typename T>
+inline void prefetch_next_page(const T* p) {
+  _mm_prefetch(reinterpret_cast<const char*>(p) + 4096, _MM_HINT_T0);
+}
+
+// the first n of 16 lanes
+inline Mask first(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1); }
+
+// vexp, lane by lane
+inline Vec exp(Vec x) {
+  using namespace exp_coef;
+  const Vec xc = _mm512_max_ps(set(kLowest), x);  // max(-88, NaN) is NaN, as in vexp
+  const Vec t = _mm512_fmadd_ps(xc, set(kLog2e), set(kMagic));
+  const Vec n = _mm512_sub_ps(t, set(kMagic));
+  const Vec r = _mm512_fnmadd_ps(n, set(kLn2), xc);
+  Vec p = set(kPoly[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, set(kPoly[i]));
+  const __m512i bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(kMagicBits - 127u));
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 23)));
+}
+
+// Words k, ..., k + 15 of a row (those in mask m) as Fmt::kLanes vectors of fp32, vector l holding
+// lane l of each word; and back.
+template <typename Fmt>
+struct Words;
+
+template <>
+struct Words<F32> {
+  static void load(const float* p, int64_t k, Mask m, Vec (&x)[1]) {
+    x[0] = _mm512_maskz_loadu_ps(m, p + k);
+  }
+  static void store(float* p, int64_t k, Mask m, const Vec (&g)[1]) {
+    _mm512_mask_storeu_ps(p + k, m, g[0]);
+  }
+};
+
+inline __m512i load_words(const uint16_t* p, int64_t k, Mask m) {
+  return _mm512_maskz_loadu_epi32(m, p + 2 * k);
+}
+
+template <>
+struct Words<BF16> {
+  static void load(const uint16_t* p, int64_t k, Mask m, Vec (&x)[2]) {
+    const __m512i w = load_words(p, k, m);
+    x[0] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    x[1] = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))));
+  }
+#if defined(__AVX512BF16__)
+  // Rounded to nearest even by the instruction, which also flushes results below 2^-126 to 0
+  // (BF16::store keeps them as subnormals): both lanes' 16 values, then interleaved.
+  static void store(uint16_t* p, int64_t k, Mask m, const Vec (&g)[2]) {
+    alignas(64) static constexpr int16_t kInterleave[32] = {
+        0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+        8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+    const __m512i both = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(g[1], g[0]));
+    const __m512i w = _mm512_permutexvar_epi16(_mm512_load_si512(kInterleave), both);
+    _mm512_mask_storeu_epi32(p + 2 * k, m, w);
+  }
+#else
+  static __m512i rounded(Vec g) {  // BF16::rounded
+    const __m512i bits = _mm512_castps_si512(g);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+    return _mm512_add_epi32(_mm512_add_epi32(bits, _mm512_set1_epi32(0x7FFF)), odd);
+  }
+  static void store(uint16_t* p, int64_t k, Mask m, const Vec (&g)[2]) {
+    const __m512i low = _mm512_srli_epi32(rounded(g[0]), 16);
+    // (high & 0xFFFF0000) | low
+    const __m512i w = _mm512_ternarylogic_epi32(_mm512_set1_epi32(int(0xFFFF0000u)),
+                                                rounded(g[1]), low, 0xEA);
+    _mm512_mask_storeu_epi32(p + 2 * k, m, w);
+  }
+#endif
+};
+
+template <>
+struct Words<F16> {
+  static void load(const uint16_t* p, int64_t k, Mask m, Vec (&x)[2]) {
+    const __m512i w = load_words(p, k, m);
+    x[0] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(w));
+    x[1] = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(w, 16)));
+  }
+  static __m512i half(Vec g) {  // F16::store, in the low half of each 32-bit lane
+    return _mm512_cvtepu16_epi32(_mm512_cvtps_ph(g, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  static void store(uint16_t* p, int64_t k, Mask m, const Vec (&g)[2]) {
+    const __m512i w = _mm512_or_si512(half(g[0]), _mm512_slli_epi32(half(g[1]), 16));
+    _mm512_mask_storeu_epi32(p + 2 * k, m, w);
+  }
+};
+
+}  // namespace avx512
+#endif  // FASTRDROP_AVX512
 
 // ---- one row -----------------------------------------------------------------------------------
 
@@ -375,6 +501,58 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
   return {s1, s2, t1, t2, sz1, sz2, n, max1, max2, sd, lone};
 }
 
+#if FASTRDROP_AVX512
+// block_sums with kCache and without kSoftcap or kGuard, all lanes at once: the sums of a block,
+// its exponentials lane by lane into e1, e2. d is t1 + t2, which is finite exactly where every D
+// is: an infinite or NaN D makes exp(z_k - shift_k) D infinite or NaN.
+template <typename Fmt, bool kSmoothing>
+BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
+                            float shift2, float* __restrict e1, float* __restrict e2) {
+  using namespace avx512;
+  constexpr int L = Fmt::kLanes;
+  const int64_t words = len / L;
+  const Vec shift1v = set(shift1), shift2v = set(shift2);
+  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0);
+  Vec max1 = set(kNegInf), max2 = set(kNegInf);
+  for (int64_t k = 0; k < words; k += 16) {
+    const Mask m = first(words - k);
+    Vec a[L], b[L];
+    prefetch_next_page(z1 + L * k);
+    prefetch_next_page(z2 + L * k);
+    Words<Fmt>::load(z1, k, m, a);
+    Words<Fmt>::load(z2, k, m, b);
+    for (int l = 0; l < L; ++l) {
+      const Vec x1 = _mm512_sub_ps(a[l], shift1v), x2 = _mm512_sub_ps(b[l], shift2v);
+      const Vec d = _mm512_sub_ps(a[l], b[l]);
+      const Vec p = exp(x1), q = exp(x2);
+      _mm512_mask_storeu_ps(e1 + l * words + k, m, p);
+      _mm512_mask_storeu_ps(e2 + l * words + k, m, q);
+      s1 = _mm512_mask_add_ps(s1, m, s1, p);
+      s2 = _mm512_mask_add_ps(s2, m, s2, q);
+      t1 = _mm512_mask3_fmadd_ps(p, d, t1, m);
+      t2 = _mm512_mask3_fmadd_ps(q, d, t2, m);
+      if constexpr (kSmoothing) {
+        sz1 = _mm512_mask_add_ps(sz1, m, sz1, x1);
+        sz2 = _mm512_mask_add_ps(sz2, m, sz2, x2);
+      }
+      max1 = _mm512_mask_max_ps(max1, m, a[l], max1);
+      max2 = _mm512_mask_max_ps(max2, m, b[l], max2);
+    }
+  }
+  const float sum_t1 = _mm512_reduce_add_ps(t1), sum_t2 = _mm512_reduce_add_ps(t2);
+  BlockSums sums{_mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2), sum_t1, sum_t2,
+                 _mm512_reduce_add_ps(sz1), _mm512_reduce_add_ps(sz2),
+                 kSmoothing ? static_cast<float>(words * L) : 0.0f,
+                 _mm512_reduce_max_ps(max1), _mm512_reduce_max_ps(max2), sum_t1 + sum_t2, 0.0f};
+  if (words * L < len) {  // the odd last element of a 16-bit run
+    const int64_t at = words * L;
+    sums += block_sums<Single<Fmt>, 0, false, kSmoothing, true, false>(
+        z1 + at, z2 + at, 1, 0.0f, shift1, shift2, e1 + at, e2 + at);
+  }
+  return sums;
+}
+#endif
+
 // The partial statistics of a row (or of its slice of a vocabulary split across ranks): each
 // pass's maximum m_k and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D,
 // and with smoothing sigma_k = sum (z_k - m_k) and V' (else V' = V and sigma_k = 0).
@@ -407,6 +585,11 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
     // lane's exponentials in order (see lane_major)
     auto sums = [&](auto guard) {
       constexpr bool kGuard = decltype(guard)::value;
+#if FASTRDROP_AVX512
+      if constexpr (kCache && !kSoftcap && !kGuard) {
+        return block_sums_avx512<Fmt, kSmoothing>(b1, b2, len, shift1, shift2, e1, e2);
+      }
+#endif
       BlockSums b;
       if constexpr (!kCache) {
         b = block_sums<Single<Fmt>, 0, kSoftcap, kSmoothing, false, kGuard>(
@@ -619,6 +802,43 @@ inline void grads_words(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1
   }
 }
 
+#if FASTRDROP_AVX512
+// grads_words with kCached and without kSoftcap or kGuard, all lanes at once, for a block of a row
+// with no -inf, NaN or +inf (every position present): f is scaled, and u = eps / V' everywhere (the
+// label's position is redone after).
+template <typename Fmt, bool kSmoothing>
+void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
+                  int64_t len, const float* e1, const float* e2, const GradForm& f) {
+  using namespace avx512;
+  constexpr int L = Fmt::kLanes;
+  const int64_t words = len / L;
+  const Vec h1 = set(f.h1), h2 = set(f.h2), k1 = set(f.k1), k2 = set(f.k2);
+  const Vec label1 = set(kSmoothing ? -f.c1 * f.smooth : 0.0f);
+  const Vec label2 = set(kSmoothing ? -f.c2 * f.smooth : 0.0f);
+  for (int64_t k = 0; k < words; k += 16) {
+    const Mask m = first(words - k);
+    Vec a[L], b[L], g1[L], g2[L];
+    Words<Fmt>::load(z1, k, m, a);
+    Words<Fmt>::load(z2, k, m, b);
+    for (int l = 0; l < L; ++l) {
+      const Vec p = _mm512_maskz_loadu_ps(m, e1 + l * words + k);
+      const Vec q = _mm512_maskz_loadu_ps(m, e2 + l * words + k);
+      const Vec d = _mm512_sub_ps(a[l], b[l]);
+      // p (h1 D + k1) - h2 q - c1 u,  q (k2 - h2 D) - h1 p - c2 u
+      g1[l] = _mm512_fmadd_ps(p, _mm512_fmadd_ps(h1, d, k1), _mm512_fnmadd_ps(h2, q, label1));
+      g2[l] = _mm512_fmadd_ps(q, _mm512_fnmadd_ps(h2, d, k2), _mm512_fnmadd_ps(h1, p, label2));
+    }
+    Words<Fmt>::store(dz1, k, m, g1);
+    Words<Fmt>::store(dz2, k, m, g2);
+  }
+  if (words * L < len) {  // the odd last element of a 16-bit run
+    const int64_t at = words * L;
+    grads_words<Single<Fmt>, false, kSmoothing, false, true>(
+        z1 + at, z2 + at, dz1 + at, dz2 + at, 1, e1 + at, e2 + at, 1.0f, 1.0f, f, 0.0f);
+  }
+}
+#endif
+
 // The label's position, redone in fp32 with its (1 - eps) term after the loop, never as a
 // read-modify-write of a stored 16-bit value. p_y, q_y: its probabilities.
 template <typename Fmt, bool kSoftcap>
@@ -711,6 +931,13 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
     factors(start / kBlock, f1, f2);
     const GradForm fs = kGuard ? f : f.scaled(f1, f2);
     const float s1 = kGuard ? f1 : 1.0f, s2 = kGuard ? f2 : 1.0f;
+#if FASTRDROP_AVX512
+    if constexpr (!kGuard) {
+      grads_avx512<Fmt, kSmoothing>(z1 + start, z2 + start, dz1 + start, dz2 + start, len,
+                                    cache.e1 + start, cache.e2 + start, fs);
+      continue;
+    }
+#endif
     by_words<Fmt>(len, [&](auto tag, int64_t at, int64_t count) {
       using W = typename decltype(tag)::type;
       const int64_t i = start + at;
