@@ -502,10 +502,10 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
 }
 
 #if FASTRDROP_AVX512
-// block_sums with kCache and without kSoftcap or kGuard, all lanes at once: the sums of a block,
+// block_sums without kSoftcap or kGuard, all lanes at once: the sums of a block, and with kCache
 // its exponentials lane by lane into e1, e2. d is t1 + t2, which is finite exactly where every D
 // is: an infinite or NaN D makes exp(z_k - shift_k) D infinite or NaN.
-template <typename Fmt, bool kSmoothing>
+template <typename Fmt, bool kSmoothing, bool kCache>
 BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
                             float shift2, float* __restrict e1, float* __restrict e2) {
   using namespace avx512;
@@ -525,8 +525,10 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
       const Vec x1 = _mm512_sub_ps(a[l], shift1v), x2 = _mm512_sub_ps(b[l], shift2v);
       const Vec d = _mm512_sub_ps(a[l], b[l]);
       const Vec p = exp(x1), q = exp(x2);
-      _mm512_mask_storeu_ps(e1 + l * words + k, m, p);
-      _mm512_mask_storeu_ps(e2 + l * words + k, m, q);
+      if constexpr (kCache) {
+        _mm512_mask_storeu_ps(e1 + l * words + k, m, p);
+        _mm512_mask_storeu_ps(e2 + l * words + k, m, q);
+      }
       s1 = _mm512_mask_add_ps(s1, m, s1, p);
       s2 = _mm512_mask_add_ps(s2, m, s2, q);
       t1 = _mm512_mask3_fmadd_ps(p, d, t1, m);
@@ -546,8 +548,9 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
                  _mm512_reduce_max_ps(max1), _mm512_reduce_max_ps(max2), sum_t1 + sum_t2, 0.0f};
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
-    sums += block_sums<Single<Fmt>, 0, false, kSmoothing, true, false>(
-        z1 + at, z2 + at, 1, 0.0f, shift1, shift2, e1 + at, e2 + at);
+    sums += block_sums<Single<Fmt>, 0, false, kSmoothing, kCache, false>(
+        z1 + at, z2 + at, 1, 0.0f, shift1, shift2, kCache ? e1 + at : nullptr,
+        kCache ? e2 + at : nullptr);
   }
   return sums;
 }
@@ -586,8 +589,8 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
     auto sums = [&](auto guard) {
       constexpr bool kGuard = decltype(guard)::value;
 #if FASTRDROP_AVX512
-      if constexpr (kCache && !kSoftcap && !kGuard) {
-        return block_sums_avx512<Fmt, kSmoothing>(b1, b2, len, shift1, shift2, e1, e2);
+      if constexpr (!kSoftcap && !kGuard) {
+        return block_sums_avx512<Fmt, kSmoothing, kCache>(b1, b2, len, shift1, shift2, e1, e2);
       }
 #endif
       BlockSums b;
@@ -803,38 +806,64 @@ inline void grads_words(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1
 }
 
 #if FASTRDROP_AVX512
-// grads_words with kCached and without kSoftcap or kGuard, all lanes at once, for a block of a row
-// with no -inf, NaN or +inf (every position present): f is scaled, and u = eps / V' everywhere (the
-// label's position is redone after).
-template <typename Fmt, bool kSmoothing>
+// grads_words without kSoftcap, all lanes at once. kCached: p, q are the stats pass's
+// exponentials, f is scaled, and the block has no -inf, NaN or +inf (no guard, every position
+// present). Else p and q are exp(z - m - log s), and a row whose loss is finite may hold absent
+// positions (-inf in both passes): there D is NaN and p = q = 0, and the guard and the presence
+// test of grads_of give 0. u = eps / V' at every present position: the label's is redone after.
+template <typename Fmt, bool kSmoothing, bool kCached>
 void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
                   int64_t len, const float* e1, const float* e2, const GradForm& f) {
   using namespace avx512;
   constexpr int L = Fmt::kLanes;
   const int64_t words = len / L;
   const Vec h1 = set(f.h1), h2 = set(f.h2), k1 = set(f.k1), k2 = set(f.k2);
+  const Vec m1 = set(f.m1), m2 = set(f.m2), log_s1 = set(f.log_s1), log_s2 = set(f.log_s2);
   const Vec label1 = set(kSmoothing ? -f.c1 * f.smooth : 0.0f);
   const Vec label2 = set(kSmoothing ? -f.c2 * f.smooth : 0.0f);
+  const Vec zero = set(0.0f), neg_inf = set(kNegInf);
   for (int64_t k = 0; k < words; k += 16) {
     const Mask m = first(words - k);
     Vec a[L], b[L], g1[L], g2[L];
+    if constexpr (!kCached) {  // the rows come from memory
+      prefetch_next_page(z1 + L * k);
+      prefetch_next_page(z2 + L * k);
+    }
     Words<Fmt>::load(z1, k, m, a);
     Words<Fmt>::load(z2, k, m, b);
     for (int l = 0; l < L; ++l) {
-      const Vec p = _mm512_maskz_loadu_ps(m, e1 + l * words + k);
-      const Vec q = _mm512_maskz_loadu_ps(m, e2 + l * words + k);
       const Vec d = _mm512_sub_ps(a[l], b[l]);
+      Vec p, q, c1 = label1, c2 = label2;
+      Mask p_live = m, q_live = m;  // where p, q > 0: elsewhere 0 * D := 0
+      if constexpr (kCached) {
+        p = _mm512_maskz_loadu_ps(m, e1 + l * words + k);
+        q = _mm512_maskz_loadu_ps(m, e2 + l * words + k);
+      } else {
+        p = exp(_mm512_sub_ps(_mm512_sub_ps(a[l], m1), log_s1));
+        q = exp(_mm512_sub_ps(_mm512_sub_ps(b[l], m2), log_s2));
+        p_live = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);
+        q_live = _mm512_cmp_ps_mask(q, zero, _CMP_GT_OQ);
+        if constexpr (kSmoothing) {
+          const Mask here = _mm512_cmp_ps_mask(a[l], neg_inf, _CMP_NEQ_OQ) |
+                            _mm512_cmp_ps_mask(b[l], neg_inf, _CMP_NEQ_OQ);
+          c1 = _mm512_maskz_mov_ps(here, c1);
+          c2 = _mm512_maskz_mov_ps(here, c2);
+        }
+      }
       // p (h1 D + k1) - h2 q - c1 u,  q (k2 - h2 D) - h1 p - c2 u
-      g1[l] = _mm512_fmadd_ps(p, _mm512_fmadd_ps(h1, d, k1), _mm512_fnmadd_ps(h2, q, label1));
-      g2[l] = _mm512_fmadd_ps(q, _mm512_fnmadd_ps(h2, d, k2), _mm512_fnmadd_ps(h1, p, label2));
+      g1[l] = _mm512_mask3_fmadd_ps(p, _mm512_fmadd_ps(h1, d, k1), _mm512_fnmadd_ps(h2, q, c1),
+                                    p_live);
+      g2[l] = _mm512_mask3_fmadd_ps(q, _mm512_fnmadd_ps(h2, d, k2), _mm512_fnmadd_ps(h1, p, c2),
+                                    q_live);
     }
     Words<Fmt>::store(dz1, k, m, g1);
     Words<Fmt>::store(dz2, k, m, g2);
   }
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
-    grads_words<Single<Fmt>, false, kSmoothing, false, true>(
-        z1 + at, z2 + at, dz1 + at, dz2 + at, 1, e1 + at, e2 + at, 1.0f, 1.0f, f, 0.0f);
+    grads_words<Single<Fmt>, false, kSmoothing, !kCached, kCached>(
+        z1 + at, z2 + at, dz1 + at, dz2 + at, 1, kCached ? e1 + at : nullptr,
+        kCached ? e2 + at : nullptr, 1.0f, 1.0f, f, 0.0f);
   }
 }
 #endif
@@ -885,6 +914,13 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
   const bool label_here =
       label_local && load_pair<Fmt, kSoftcap>(z1, z2, y, o.softcap, label1, label2);
   auto run = [&](auto smoothing) {
+#if FASTRDROP_AVX512
+    if constexpr (!kSoftcap) {
+      grads_avx512<Fmt, decltype(smoothing)::value, false>(z1, z2, dz1, dz2, o.vocab, nullptr,
+                                                           nullptr, f);
+      return;
+    }
+#endif
     by_words<Fmt>(o.vocab, [&](auto tag, int64_t at, int64_t count) {
       using W = typename decltype(tag)::type;
       grads_words<W, kSoftcap, decltype(smoothing)::value, true, false>(
@@ -933,8 +969,8 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
     const float s1 = kGuard ? f1 : 1.0f, s2 = kGuard ? f2 : 1.0f;
 #if FASTRDROP_AVX512
     if constexpr (!kGuard) {
-      grads_avx512<Fmt, kSmoothing>(z1 + start, z2 + start, dz1 + start, dz2 + start, len,
-                                    cache.e1 + start, cache.e2 + start, fs);
+      grads_avx512<Fmt, kSmoothing, true>(z1 + start, z2 + start, dz1 + start, dz2 + start, len,
+                                          cache.e1 + start, cache.e2 + start, fs);
       continue;
     }
 #endif
