@@ -503,8 +503,7 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
 
 #if FASTRDROP_AVX512
 // block_sums without kSoftcap or kGuard, all lanes at once: the sums of a block, and with kCache
-// its exponentials lane by lane into e1, e2. d is t1 + t2, which is finite exactly where every D
-// is: an infinite or NaN D makes exp(z_k - shift_k) D infinite or NaN.
+// its exponentials lane by lane into e1, e2.
 template <typename Fmt, bool kSmoothing, bool kCache>
 BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
                             float shift2, float* __restrict e1, float* __restrict e2) {
@@ -512,7 +511,7 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
   constexpr int L = Fmt::kLanes;
   const int64_t words = len / L;
   const Vec shift1v = set(shift1), shift2v = set(shift2);
-  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0);
+  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0), sd = set(0);
   Vec max1 = set(kNegInf), max2 = set(kNegInf);
   for (int64_t k = 0; k < words; k += 16) {
     const Mask m = first(words - k);
@@ -533,6 +532,7 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
       s2 = _mm512_mask_add_ps(s2, m, s2, q);
       t1 = _mm512_mask3_fmadd_ps(p, d, t1, m);
       t2 = _mm512_mask3_fmadd_ps(q, d, t2, m);
+      sd = _mm512_mask_add_ps(sd, m, sd, d);
       if constexpr (kSmoothing) {
         sz1 = _mm512_mask_add_ps(sz1, m, sz1, x1);
         sz2 = _mm512_mask_add_ps(sz2, m, sz2, x2);
@@ -541,11 +541,12 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
       max2 = _mm512_mask_max_ps(max2, m, b[l], max2);
     }
   }
-  const float sum_t1 = _mm512_reduce_add_ps(t1), sum_t2 = _mm512_reduce_add_ps(t2);
-  BlockSums sums{_mm512_reduce_add_ps(s1), _mm512_reduce_add_ps(s2), sum_t1, sum_t2,
+  BlockSums sums{_mm512_reduce_add_ps(s1),  _mm512_reduce_add_ps(s2),
+                 _mm512_reduce_add_ps(t1),  _mm512_reduce_add_ps(t2),
                  _mm512_reduce_add_ps(sz1), _mm512_reduce_add_ps(sz2),
                  kSmoothing ? static_cast<float>(words * L) : 0.0f,
-                 _mm512_reduce_max_ps(max1), _mm512_reduce_max_ps(max2), sum_t1 + sum_t2, 0.0f};
+                 _mm512_reduce_max_ps(max1), _mm512_reduce_max_ps(max2),
+                 _mm512_reduce_add_ps(sd),  0.0f};
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
     sums += block_sums<Single<Fmt>, 0, false, kSmoothing, kCache, false>(
