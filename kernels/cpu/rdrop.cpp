@@ -259,13 +259,15 @@ constexpr float kPoly[] = {8.33381e-3f, 4.189858e-2f, 1.6666887e-1f, 4.9999143e-
 }
 
 #if FASTRDROP_AVX512
-// ---- AVX-512 forms of the fused pass's hot loops -----------------------------------------------
+// ---- AVX-512 forms of the hot loops -------------------------------------------------------------
 //
 // GCC vectorises the loops below by itself, but with a block's nine reductions in registers it
 // reloads and converts each word once per lane, and packs 16-bit results element by element.
-// Where the build targets AVX-512 (F and BW), the two loops of the fused pass over rows with no
-// -inf, NaN or +inf (the common case; no softcap) are written out instead: 16 words a step, all
-// lanes of a word in the same step, the tail under a mask. exp and the conversions give the
+// Where the build targets AVX-512 (F and BW), the statistics loop over blocks with no -inf, NaN
+// or +inf, and the gradient loops (from the kept exponentials, or from exp in the backward
+// pass), are written out instead for rows without softcap (see block_sums_avx512 and
+// grads_avx512): 16 words a step, all lanes of a word in the same step, the tail under a mask.
+// exp and the conversions give the
 // same bits as vexp and Fmt::load / Fmt::store (but for bf16 results below 2^-126 with
 // AVX512-BF16, see Words<BF16>); sums differ in the order of their additions.
 namespace avx512 {
