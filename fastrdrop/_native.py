@@ -15,15 +15,16 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-ABI_VERSION = 4  # fastrdrop_cpu_abi_version() of a library with these signatures
+ABI_VERSION = 5  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
     # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;
-    # backward: stats, grad_parts, dz1, dz2, dstride1, dstride2; then the number of threads
+    # backward: stats, grad_parts, upstream, upstream_stride, dz1, dz2, dstride1, dstride2;
+    # then the number of threads
     "fastrdrop_cpu_forward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
                               _float, _ptr, _float, _ptr, _ptr, _i64, _i64, _ptr, _ptr, _int],
     "fastrdrop_cpu_backward": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _ptr, _i64, _float,
-                               _float, _ptr, _ptr, _ptr, _ptr, _i64, _i64, _int],
+                               _float, _ptr, _ptr, _ptr, _i64, _ptr, _ptr, _i64, _i64, _int],
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, smoothing, softcap, partials, threads
     "fastrdrop_cpu_partials": [_ptr, _ptr, _i64, _i64, _int, _i64, _i64, _int, _float, _ptr,
                                _int],
@@ -108,13 +109,15 @@ def forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smooth
 
 
 def backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, label_smoothing,
-             softcap):
+             softcap, upstream=None):
     lib = _load()[0]
     target = _labels(target)
     status = lib.fastrdrop_cpu_backward(
         *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap),
-        stats.data_ptr(), grad_parts.data_ptr(), dz1.data_ptr(), dz2.data_ptr(), dz1.stride(0),
-        dz2.stride(0), torch.get_num_threads())
+        stats.data_ptr(), grad_parts.data_ptr(),
+        None if upstream is None else upstream.data_ptr(),
+        0 if upstream is None or len(upstream) == 1 else upstream.stride(0),
+        dz1.data_ptr(), dz2.data_ptr(), dz1.stride(0), dz2.stride(0), torch.get_num_threads())
     assert status == 0, f"fastrdrop_cpu_backward failed with status {status}"
 
 

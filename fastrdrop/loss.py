@@ -163,14 +163,15 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
     # The forward pass also makes the gradients when the logits take one (those without are
     # never written) and they go into the logits (in place), or else for the loss alone of fp32
-    # logits: its gradient is then that of sum_r w_r loss_r up to the upstream scale, applied in
-    # the backward pass. (16-bit gradients would be rounded twice where that scale is not 1, so
-    # they are computed in the backward pass, where it is known. Compiled graphs, too, take that
-    # path, whose buffers autograd's tracing sees.)
+    # or bf16 logits: its gradient is then that of sum_r w_r loss_r for an upstream gradient of
+    # 1, which the backward pass applies where it is not (ops.RDropLossFunction). fp16 logits
+    # are trained with a loss scale, an upstream gradient that is not 1, so theirs wait for the
+    # backward pass, where it is known. Compiled graphs, too, take that path, whose buffers
+    # autograd's tracing sees.
     wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
                   and (logits2 is None or logits2.requires_grad))
     grads_first = wants_grad and (inplace_backward or (
-        logits1.dtype == torch.float32 and not return_parts and group is None
+        logits1.dtype != torch.float16 and not return_parts and group is None
         and not torch.compiler.is_compiling()))
 
     if grads_first:

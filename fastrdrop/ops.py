@@ -159,16 +159,18 @@ def _triton_forward(z1, z2, target, row_weight, parts, stats, ignore_index, labe
 
 
 def _triton_backward(z1, z2, target, stats, grad_parts, dz1, dz2, ignore_index, label_smoothing,
-                     softcap):
+                     softcap, upstream=None):
     n_rows, vocab_size = z1.shape
     labels, has_target = _labels(target, z1)
     with _device_guard(z1.device):
         triton_kernels._rdrop_bwd_kernel[(n_rows,)](
-            z1, z2, labels, stats, grad_parts,
+            z1, z2, labels, stats, grad_parts, stats if upstream is None else upstream,
             dz1, dz2,
             n_rows, vocab_size,
             z1.stride(0), z2.stride(0), dz1.stride(0), dz2.stride(0),
-            has_target, ignore_index, label_smoothing * has_target, softcap or 1.0,
+            0 if upstream is None or len(upstream) == 1 else upstream.stride(0),
+            has_target, int(upstream is not None), ignore_index, label_smoothing * has_target,
+            softcap or 1.0,
             SOFTCAP=softcap is not None,
             **_launch_options("backward", z1, softcap, rows_aligned(z1, z2, dz1, dz2)),
         )
@@ -495,9 +497,11 @@ class RDropLossFunction(torch.autograd.Function):
     + alpha symKL) [N], parts [3, N] without gradient); z2 None: z1 [2N, V] holds both passes.
 
     For the loss alone, the forward pass also computes the gradients, in a second pass over each
-    row while it is in cache: into the logits' own storage (inplace), or into new buffers. The
-    backward pass then reads no logits; it only scales the gradients by the upstream gradient
-    where that is not 1. New buffers serve a second backward (retain_graph=True) too: it
+    row while it is in cache: into the logits' own storage (inplace), or into new buffers. Those
+    are the gradients for an upstream gradient of 1, the usual one, and the backward pass leaves
+    such rows as they are. Other rows are scaled: in place, and in fp32 buffers. 16-bit buffers
+    would then be rounded twice, so their rows are computed again from the saved logits, with
+    the upstream gradient. New buffers serve a second backward (retain_graph=True) too: it
     computes them again from the saved logits, as the default mode does. With a vocabulary split
     across the ranks of ``group`` it runs in place only."""
 
@@ -554,9 +558,24 @@ class RDropLossFunction(torch.autograd.Function):
         dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
-        if dz1.shape[0] > 0:  # rows whose upstream gradient is 1 are left as they are
+        if dz1.shape[0] == 0:
+            return *grads, *[None] * 9
+        if hasattr(ctx, "recompute") and dz1.dtype != torch.float32:
+            _rewrite_rows(ctx, grad_rows.float(), dz1, dz2)
+        else:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
         return *grads, *[None] * 9
+
+
+def _rewrite_rows(ctx, upstream, dz1, dz2):
+    """The rows of RDropLossFunction's 16-bit buffers dz1, dz2 whose upstream gradient (one value,
+    or one per row) is not 1, computed again from the saved logits and stats."""
+    logits1, logits2, target, stats, row_weight = ctx.saved_tensors
+    alpha, (ignore_index, label_smoothing, softcap, backend) = ctx.recompute
+    grad_token = upstream * row_weight
+    grad_parts = torch.stack([grad_token, grad_token, alpha * grad_token])
+    BACKWARD[backend](*halves(logits1, logits2), target, stats, grad_parts, dz1, dz2,
+                      ignore_index, label_smoothing, softcap, upstream=upstream.contiguous())
 
 
 def _recomputed_gradients(ctx, grad_rows):

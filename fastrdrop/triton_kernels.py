@@ -319,17 +319,23 @@ def _rdrop_fwd_kernel(
 @_jit
 def _rdrop_bwd_kernel(
     z1_ptr, z2_ptr, target_ptr, stats_ptr, grad_parts_ptr,   # inputs
+    upstream_ptr,                                            # fp32, a row's upstream gradient
     dz1_ptr, dz2_ptr,                                        # outputs [n_rows, V]
     n_rows, V,                                               # shapes
     z1_row_stride, z2_row_stride,                            # strides (the last dim is contiguous)
-    dz1_row_stride, dz2_row_stride,
-    has_target, ignore_index, eps, softcap,                  # loss parameters (target: int64)
+    dz1_row_stride, dz2_row_stride, upstream_stride,         # (upstream: 0 for one value)
+    has_target, has_upstream, ignore_index, eps, softcap,    # loss parameters (target: int64)
     SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """One program per row: dz1, dz2 (which may be z1, z2) from the saved stats and the parts'
     upstream gradients. A label outside [0, V) has no term here: with a vocabulary split across
-    ranks it is another rank's."""
+    ranks it is another rank's. With has_upstream, a row whose upstream gradient is 1 is left as
+    it is: the forward pass wrote its gradients."""
     row = tl.program_id(0).to(tl.int64)
+    has_upstream = has_upstream != 0
+    upstream = tl.load(upstream_ptr + row * upstream_stride, mask=has_upstream, other=0.0)
+    if has_upstream & (upstream == 1.0):
+        return
     n_rows = n_rows.to(tl.int64)
     V = _row_length(V, z1_ptr, ALIGNED)
     z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)

@@ -7,6 +7,7 @@ import torch
 from allocations import AllocationLog
 
 import fastrdrop
+from fastrdrop import ops
 from fastrdrop.ops import N_STATS
 
 from conftest import DEVICE, fused_backends
@@ -92,13 +93,13 @@ def test_inplace_bumps_the_version_counter(backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("return_parts", [False, True])
 def test_default_mode_keeps_inputs_stats_and_gradients(backend, dtype, return_parts):
-    # Autograd keeps the inputs themselves and O(N) statistics. For the loss alone of fp32 logits
-    # the forward pass also writes the two gradients, and the backward pass allocates nothing of
-    # size N x V; otherwise (the parts carry gradient; 16-bit gradients are rounded once, where
-    # the upstream gradient is known) the backward pass computes them.
+    # Autograd keeps the inputs themselves and O(N) statistics. For the loss alone of fp32 or
+    # bf16 logits the forward pass also writes the two gradients, and the backward pass allocates
+    # nothing of size N x V; otherwise (the parts carry gradient; fp16 logits, trained with a
+    # loss scale) the backward pass computes them.
     n_rows, vocab_size = 6, 1000
     h1, h2 = (z.requires_grad_() for z in logits_pair((n_rows, vocab_size), dtype))
     logits = torch.cat([h1, h2]) * 1
@@ -120,8 +121,63 @@ def test_default_mode_keeps_inputs_stats_and_gradients(backend, dtype, return_pa
         torch.autograd.grad(loss[0] if return_parts else loss, (z1, z2))
     made = [sorted(size for size in log.sizes if size >= one_gradient) for log in (fwd, bwd)]
     gradients = [one_gradient, one_gradient]
-    in_forward = dtype == torch.float32 and not return_parts
+    in_forward = dtype != torch.float16 and not return_parts
     assert made == ([gradients, []] if in_forward else [[], gradients])
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("stacked", [False, True])
+def test_bf16_gradients_made_in_the_forward_pass_are_rounded_once(backend, stacked):
+    # The forward pass writes bf16 gradients for an upstream gradient of 1. The backward pass
+    # keeps the rows whose upstream gradient is 1 and computes the others again with theirs:
+    # rounded to bf16 once, those are the bits of the path that computes every gradient in the
+    # backward pass (return_parts=True), not those gradients scaled after rounding.
+    n_rows, vocab_size = 6, 1500
+    z1, z2 = logits_pair((n_rows, vocab_size), torch.bfloat16, masked=0.1)
+    target = labels((n_rows,), vocab_size, ignored=0.0, logits=z1)
+    kwargs = dict(target=target, reduction="none", label_smoothing=0.1, alpha=2.0)
+    grad_output = torch.tensor([1.0, 0.3, 1.0, 2.0, -1.7, 1.0], device=z1.device)
+
+    def fused(a, b, return_parts=False, **kw):
+        if stacked:
+            loss = fastrdrop.stacked_rdrop_loss(torch.cat([a, b]), backend=backend,
+                                                return_parts=return_parts, **kw)
+        else:
+            loss = fastrdrop.rdrop_loss(a, b, backend=backend, return_parts=return_parts, **kw)
+        return loss.loss if return_parts else loss
+
+    got = loss_and_grads(functools.partial(fused, **kwargs), z1, z2, grad_output)
+    in_backward = loss_and_grads(functools.partial(fused, return_parts=True, **kwargs), z1, z2,
+                                 grad_output)
+    redone = grad_output != 1
+    for g, b in zip(got[1:], in_backward[1:], strict=True):
+        assert torch.equal(g[redone], b[redone])
+    want = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **kwargs), z1, z2,
+                          grad_output)
+    truth = loss_and_grads(functools.partial(oracle_loss, **kwargs), z1.double(), z2.double(),
+                           grad_output)
+    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), got, want, truth, strict=True):
+        assert_oracle_rule(f, e, t, torch.bfloat16, what)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("upstream", [[1.0], [2.0], [1.0, 0.5, 1.0, -2.0]], ids=str)
+def test_backward_kernel_leaves_the_rows_whose_upstream_gradient_is_one(backend, upstream):
+    n_rows, vocab_size = 4, 700
+    z1, z2 = logits_pair((n_rows, vocab_size), torch.bfloat16)
+    target = labels((n_rows,), vocab_size)
+    _, stats = ops.forward_rows(z1, z2, target, None, 0.0, -100, 0.0, None, backend)
+    upstream = torch.tensor(upstream, device=z1.device)
+    grad_parts = upstream.expand(n_rows).repeat(3, 1).contiguous()
+    full = [torch.empty_like(z1), torch.empty_like(z2)]
+    ops.BACKWARD[backend](z1, z2, target, stats, grad_parts, *full, -100, 0.0, None)
+    kept = [torch.full_like(z1, torch.nan), torch.full_like(z2, torch.nan)]
+    ops.BACKWARD[backend](z1, z2, target, stats, grad_parts, *kept, -100, 0.0, None,
+                          upstream=upstream)
+    one = (upstream == 1).expand(n_rows)
+    for k, f in zip(kept, full, strict=True):
+        assert k[one].isnan().all()
+        assert torch.equal(k[~one], f[~one]) and not f[~one].isnan().any()
 
 
 @pytest.mark.parametrize("backend", fused_backends())
@@ -178,3 +234,25 @@ def test_default_mode_serves_a_second_backward(backend, stacked):
         want = fastrdrop.reference.rdrop_loss(leaf[:3], leaf[3:], target, reduction="none")
         (want,) = torch.autograd.grad(want, leaf, g.to(want.device))
         torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("options", [dict(), dict(label_smoothing=0.1), dict(softcap=30.0)],
+                         ids=str)
+def test_the_loss_has_the_same_bits_in_every_mode(backend, dtype, options):
+    # without grad (statistics only), with grad (the gradients written in the forward pass or
+    # not) and in place: the same statistics, in the same order, whatever else the pass does
+    z1, z2 = logits_pair((6, 2500), dtype, masked=0.1)
+    kwargs = dict(target=labels((6,), 2500, logits=z1), backend=backend, reduction="none",
+                  **options)
+    with torch.no_grad():
+        losses = [fastrdrop.rdrop_loss(z1, z2, **kwargs)]
+    for inplace in (False, True):
+        a, b = (z.clone().requires_grad_() for z in (z1, z2))
+        losses.append(fastrdrop.rdrop_loss(a, b, inplace_backward=inplace, **kwargs).detach())
+    parts = fastrdrop.rdrop_loss(*(z.clone().requires_grad_() for z in (z1, z2)),
+                                 return_parts=True, **kwargs)
+    losses.append(parts.loss.detach())
+    for loss in losses[1:]:
+        assert torch.equal(loss, losses[0])

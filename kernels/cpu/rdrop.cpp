@@ -587,8 +587,8 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
   bool guarded = false, lone = false;
   auto block = [&](const Elem<Fmt>* b1, const Elem<Fmt>* b2, int64_t len, float shift1,
                    float shift2, float* e1, float* e2) {
-    // element by element, or with kCache lane by lane, so that the gradient pass finds each
-    // lane's exponentials in order (see lane_major)
+    // lane by lane, so that with kCache the gradient pass finds each lane's exponentials in
+    // order (see lane_major); without, in the same order, so that the stats have the same bits
     auto sums = [&](auto guard) {
       constexpr bool kGuard = decltype(guard)::value;
 #if FASTRDROP_AVX512
@@ -597,21 +597,17 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
       }
 #endif
       BlockSums b;
-      if constexpr (!kCache) {
-        b = block_sums<Single<Fmt>, 0, kSoftcap, kSmoothing, false, kGuard>(
-            b1, b2, len, cap, shift1, shift2, nullptr, nullptr);
-      } else {
-        by_words<Fmt>(len, [&](auto tag, int64_t at, int64_t count) {
-          using W = typename decltype(tag)::type;
-          const int64_t words = count / W::kLanes;
-          b += block_sums<W, 0, kSoftcap, kSmoothing, true, kGuard>(
-              b1 + at, b2 + at, words, cap, shift1, shift2, e1 + at, e2 + at);
-          if constexpr (W::kLanes == 2) {
-            b += block_sums<W, 1, kSoftcap, kSmoothing, true, kGuard>(
-                b1 + at, b2 + at, words, cap, shift1, shift2, e1 + at + words, e2 + at + words);
-          }
-        });
-      }
+      by_words<Fmt>(len, [&](auto tag, int64_t at, int64_t count) {
+        using W = typename decltype(tag)::type;
+        const int64_t words = count / W::kLanes;
+        auto lane = [&](float* e, int l) { return kCache ? e + at + l * words : nullptr; };
+        b += block_sums<W, 0, kSoftcap, kSmoothing, kCache, kGuard>(
+            b1 + at, b2 + at, words, cap, shift1, shift2, lane(e1, 0), lane(e2, 0));
+        if constexpr (W::kLanes == 2) {
+          b += block_sums<W, 1, kSoftcap, kSmoothing, kCache, kGuard>(
+              b1 + at, b2 + at, words, cap, shift1, shift2, lane(e1, 1), lane(e2, 1));
+        }
+      });
       return b;
     };
     const BlockSums b = sums(std::false_type{});
@@ -1082,13 +1078,16 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
   }
 }
 
+// upstream: as in fastrdrop_cpu_backward.
 template <typename Fmt, bool kSoftcap>
 void backward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t stride2,
               int64_t n_rows, const int64_t* target, const Options& o, const float* stats,
-              const float* grad_parts, Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t dstride1,
-              int64_t dstride2, int num_threads) {
+              const float* grad_parts, const float* upstream, int64_t upstream_stride,
+              Elem<Fmt>* dz1, Elem<Fmt>* dz2, int64_t dstride1, int64_t dstride2,
+              int num_threads) {
 #pragma omp parallel for schedule(static) num_threads(num_threads)
   for (int64_t row = 0; row < n_rows; ++row) {
+    if (upstream && upstream[row * upstream_stride] == 1.0f) continue;
     Elem<Fmt>* d1 = dz1 + row * dstride1;
     Elem<Fmt>* d2 = dz2 + row * dstride2;
     if (ignored(target, row, o)) {
@@ -1157,7 +1156,7 @@ int dispatch(int dtype, bool softcap, F&& f) {
 extern "C" {
 
 // Bumped whenever a signature below changes: the loader refuses a stale build.
-FASTRDROP_API int fastrdrop_cpu_abi_version() { return 4; }
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 5; }
 
 // z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
 // NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [8, n_rows]. row_weight: NULL
@@ -1187,23 +1186,27 @@ FASTRDROP_API int fastrdrop_cpu_forward(void* z1, void* z2, int64_t stride1, int
 // grad_parts: float [3, n_rows], the upstream gradients of (CE_1, CE_2, symKL); dz1, dz2:
 // [n_rows, vocab] of `dtype` with row strides dstride1, dstride2, which may be z1, z2
 // themselves. A label outside [0, vocab) that is not ignore_index has no term (another rank's).
+// upstream: NULL, or float per row (row stride upstream_stride, 0 for one value for all): the
+// rows where it is 1 are left as they are (the forward pass wrote their gradients).
 FASTRDROP_API int fastrdrop_cpu_backward(const void* z1, const void* z2, int64_t stride1,
                                          int64_t stride2, int dtype, int64_t n_rows, int64_t vocab,
                                          const int64_t* target, int64_t ignore_index,
                                          float label_smoothing, float softcap, const float* stats,
-                                         const float* grad_parts, void* dz1, void* dz2,
+                                         const float* grad_parts, const float* upstream,
+                                         int64_t upstream_stride, void* dz1, void* dz2,
                                          int64_t dstride1, int64_t dstride2, int num_threads) {
   const Options o{vocab, ignore_index, label_smoothing, softcap, target != nullptr};
   return dispatch(dtype, softcap > 0.0f, [&](auto tag, auto has_softcap) {
     using Fmt = typename decltype(tag)::type;
     using T = Elem<Fmt>;
-    if (dz1 != z1) {
+    if (dz1 != z1 && !upstream) {  // else the forward pass has touched (and advised) them
       advise_huge_pages(dz1, n_rows * dstride1 * int64_t{sizeof(T)});
       advise_huge_pages(dz2, n_rows * dstride2 * int64_t{sizeof(T)});
     }
     backward<Fmt, has_softcap>(static_cast<const T*>(z1), static_cast<const T*>(z2), stride1,
-                               stride2, n_rows, target, o, stats, grad_parts, static_cast<T*>(dz1),
-                               static_cast<T*>(dz2), dstride1, dstride2, num_threads);
+                               stride2, n_rows, target, o, stats, grad_parts, upstream,
+                               upstream_stride, static_cast<T*>(dz1), static_cast<T*>(dz2),
+                               dstride1, dstride2, num_threads);
   });
 }
 
