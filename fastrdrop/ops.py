@@ -570,6 +570,8 @@ class RDropLossFunction(torch.autograd.Function):
 def _rewrite_rows(ctx, upstream, dz1, dz2):
     """The rows of RDropLossFunction's 16-bit buffers dz1, dz2 whose upstream gradient (one value,
     or one per row) is not 1, computed again from the saved logits and stats."""
+    if upstream.device.type == "cpu" and bool((upstream == 1).all()):
+        return  # nothing to redo, and on CPU reading that costs nothing: the logits stay saved
     logits1, logits2, target, stats, row_weight = ctx.saved_tensors
     alpha, (ignore_index, label_smoothing, softcap, backend) = ctx.recompute
     grad_token = upstream * row_weight
