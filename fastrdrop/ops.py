@@ -572,10 +572,8 @@ def _rewrite_rows(ctx, upstream, dz1, dz2):
     or one per row) is not 1, computed again from the saved logits and stats."""
     if upstream.device.type == "cpu" and bool((upstream == 1).all()):
         return  # nothing to redo, and on CPU reading that costs nothing: the logits stay saved
-    logits1, logits2, target, stats, row_weight = ctx.saved_tensors
-    alpha, (ignore_index, label_smoothing, softcap, backend) = ctx.recompute
-    grad_token = upstream * row_weight
-    grad_parts = torch.stack([grad_token, grad_token, alpha * grad_token])
+    logits1, logits2, target, stats, grad_parts = _saved_with_grad_parts(ctx, upstream)
+    ignore_index, label_smoothing, softcap, backend = ctx.recompute[1]
     BACKWARD[backend](*halves(logits1, logits2), target, stats, grad_parts, dz1, dz2,
                       ignore_index, label_smoothing, softcap, upstream=upstream.contiguous())
 
@@ -583,10 +581,17 @@ def _rewrite_rows(ctx, upstream, dz1, dz2):
 def _recomputed_gradients(ctx, grad_rows):
     """A second backward of RDropLossFunction's new buffers: the gradients of the logits again,
     from the saved logits and stats."""
-    logits1, logits2, target, stats, row_weight = ctx.saved_tensors
-    alpha, kernel_args = ctx.recompute
-    grad_token = (grad_rows * row_weight).float()
-    grad_parts = torch.stack([grad_token, grad_token, alpha * grad_token])
+    logits1, logits2, target, stats, grad_parts = _saved_with_grad_parts(ctx, grad_rows)
+    kernel_args = ctx.recompute[1]
     if logits2 is None:
         return stacked_rdrop_backward(logits1, target, stats, grad_parts, *kernel_args), None
     return rdrop_backward(logits1, logits2, target, stats, grad_parts, *kernel_args)
+
+
+def _saved_with_grad_parts(ctx, grad_rows):
+    """RDropLossFunction's saved logits1, logits2, labels and stats, and the upstream gradients
+    [3, N] of the parts for the upstream gradient of its rows."""
+    logits1, logits2, target, stats, row_weight = ctx.saved_tensors
+    grad_token = (grad_rows * row_weight).float()
+    grad_parts = torch.stack([grad_token, grad_token, ctx.recompute[0] * grad_token])  # alpha
+    return logits1, logits2, target, stats, grad_parts
