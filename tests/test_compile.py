@@ -8,7 +8,7 @@ import torch
 
 import fastrdrop
 
-from conftest import fused_backends
+from conftest import DEVICE, fused_backends
 from inputs import labels, logits_pair
 
 
@@ -80,7 +80,7 @@ def test_dynamic_true(backend, api):
     # symbolic sizes from the first call; the argument checks once called math.isfinite, which
     # dynamo cannot trace
     torch._dynamo.reset()
-    weight = torch.randn(60, 8) / 8 ** 0.5
+    weight = torch.randn(60, 8, device=DEVICE) / 8 ** 0.5
 
     def fn(x, target):
         if api == "rdrop_loss":
@@ -93,7 +93,7 @@ def test_dynamic_true(backend, api):
     compiled = torch.compile(fn, dynamic=True, fullgraph=True)
     for rows in (3, 5):
         width = 8 if api == "linear_rdrop_loss" else 60
-        x = 2 * torch.randn(2 * rows, width)
+        x = 2 * torch.randn(2 * rows, width, device=DEVICE)
         target = labels((rows,), 60)
         torch.testing.assert_close(compiled(x, target), fn(x, target), rtol=1e-5, atol=1e-6)
 

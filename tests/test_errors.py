@@ -60,16 +60,21 @@ def label_check(monkeypatch):
     fastrdrop.set_label_check(True)
 
 
+def _check_labels(name, args, backend, request):
+    # Labels on a GPU, and the Triton path anywhere, are not read back by default (a host sync:
+    # see tests/test_sync.py); the cases about labels turn the check on.
+    if "label" in name and not _common.labels_checked(args["target"], backend):
+        request.getfixturevalue("label_check")
+
+
 @pytest.mark.parametrize("backend", ["torch", *fused_backends()])
 @pytest.mark.parametrize("inplace", [False, True])
 @pytest.mark.parametrize("case", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
 def test_bad_input(case, inplace, backend, request):
     name, change, error, words = case
-    if backend == "triton" and "label" in name:
-        # the Triton (GPU) path reads no label back by default: see tests/test_sync.py
-        request.getfixturevalue("label_check")
     args = dict(call_args(), backend=backend, inplace_backward=inplace)
     change(args)
+    _check_labels(name, args, backend, request)
     before = {k: v.detach().clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
     with pytest.raises(error) as info:
         fastrdrop.rdrop_loss(**args)
@@ -79,10 +84,11 @@ def test_bad_input(case, inplace, backend, request):
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS[:11], ids=[c[0] for c in BAD_INPUTS[:11]])
-def test_reference_checks_the_same(case):
-    _, change, error, words = case
+def test_reference_checks_the_same(case, request):
+    name, change, error, words = case
     args = call_args()
     change(args)
+    _check_labels(name, args, "torch", request)
     with pytest.raises(error, match=None) as info:
         fastrdrop.reference.rdrop_loss(**args)
     assert words in str(info.value)

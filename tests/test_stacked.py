@@ -83,8 +83,9 @@ def test_labels_on_every_lane(backend, dtype, inplace, label_smoothing, masked):
     vocab_size = 4099
     positions = [0, 1, 2046, 2047, 2048, 2049, 4096, 4097, 4098]
     logits = stacked_logits((len(positions),), vocab_size, dtype, masked=masked)
-    rows = torch.arange(2 * len(positions))  # each label present, and likely: p_y near 1/2
-    logits[rows, torch.tensor(positions * 2)] = (10 + torch.randn(len(rows))).to(dtype)
+    rows = torch.arange(2 * len(positions), device=DEVICE)  # each label present, likely: p_y ~ 1/2
+    logits[rows, torch.tensor(positions * 2, device=DEVICE)] = (
+        10 + torch.randn(len(rows), device=DEVICE)).to(dtype)
     target = torch.tensor(positions, device=DEVICE)
     check_stacked(backend, logits, target, inplace=inplace, reduction="none",
                   label_smoothing=label_smoothing, alpha=0.8)
