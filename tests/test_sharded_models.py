@@ -4,6 +4,7 @@ the vocabulary (ColwiseParallel on lm_head, a DTensor Shard(-1)), directly and t
 rdrop_causal_lm_loss, on 2 gloo ranks
 (tests/ranks.py), against one process: the loss and every parameter gradient, dropout on."""
 
+import functools
 import warnings
 
 import pytest
@@ -55,15 +56,18 @@ def compare_with_one_process(rank, world, make_model, loss_of, own_head=False):
     """FSDP2 over the ranks' rows against the one-process model on each rank's rows, the same
     dropout masks (seeded), gradients averaged over the ranks as FSDP does. own_head: lm_head in
     an FSDP group of its own."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
+    # on the CPU, on a machine with a GPU too (FSDP2's default mesh would take the GPU)
+    shard = functools.partial(fully_shard, mesh=init_device_mesh("cpu", (world,)))
     sharded = make_model()
     base = sharded.get_base_model() if hasattr(sharded, "get_base_model") else sharded
     for layer in base.model.layers:
-        fully_shard(layer)
+        shard(layer)
     if own_head:
-        fully_shard(base.lm_head)
-    fully_shard(sharded)
+        shard(base.lm_head)
+    shard(sharded)
     torch.manual_seed(10 + rank)
     loss = loss_of(sharded, batch(rank))
     loss.backward()
