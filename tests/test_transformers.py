@@ -88,6 +88,24 @@ def test_matches_logits_then_reference(variant):
                                    msg=f"gradient of {name}")
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("variant", ["untied", "lora-head"])
+def test_labels_on_another_device(variant):
+    # FSDP2 moves the model's inputs to its device, not the labels: the loss moves them, as
+    # transformers' own loss does (both paths: the hidden states, and the model's own logits)
+    model = tiny_llama()
+    if variant == "lora-head":
+        model = with_lora(model, head=True)
+    model.cuda()
+    input_ids, attention_mask, labels = batch()
+    losses = []
+    for where in ("cpu", "cuda"):
+        torch.manual_seed(1)
+        losses.append(rdrop_causal_lm_loss(model, input_ids.cuda(), attention_mask.cuda(),
+                                           labels.to(where), alpha=0.7).loss)
+    torch.testing.assert_close(*losses, rtol=0, atol=0)
+
+
 @no_dropout_on_purpose
 def test_final_logit_softcap_of_the_config():
     # Gemma 2 caps its logits (final_logit_softcapping): the fused path applies the same cap.

@@ -118,8 +118,11 @@ def rdrop_causal_lm_loss(
         out = model(**batch, output_hidden_states=True,
                     logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
         hidden = out.hidden_states[-1]
-        parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight, labels[:, 1:],
-                                  head.bias, softcap=softcap, chunk_size=chunk_size, **keywords)
+        # labels where the hidden states are, as transformers' own loss moves them (FSDP2 moves
+        # the model's inputs to its device, not the labels)
+        parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight,
+                                  labels[:, 1:].to(hidden.device), head.bias, softcap=softcap,
+                                  chunk_size=chunk_size, **keywords)
     else:
         # the model's own head (with its softcap): [2B, T, V], both passes stacked. So for a head
         # that is not a plain nn.Linear (LoRA, FSDP2's own group), and a tensor-parallel one,
@@ -127,7 +130,7 @@ def rdrop_causal_lm_loss(
         logits = model(**batch).logits
         _check_whole_vocabulary(logits, head.weight)
         # position t predicts token t + 1; the last position predicts nothing
-        shifted = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+        shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=ignore_index)
         parts = stacked_rdrop_loss(logits, shifted, **keywords)
     if num_items_in_batch is None:
         return parts
