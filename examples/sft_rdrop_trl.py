@@ -10,12 +10,13 @@ in the config, or ``lora_dropout`` in a LoraConfig).
 """
 
 import argparse
+import dataclasses
 import os
 
 import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
 from trl import SFTConfig
 
 from fastrdrop.integrations.trl import RDropSFTTrainer
@@ -53,12 +54,15 @@ def main():
         attention_dropout=0.1,  # R-Drop needs dropout: stock configs have 0.0
         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
         bos_token_id=None))
+    # TRL turns activation checkpointing on by default; transformers renamed its switch
+    names = {field.name for field in dataclasses.fields(TrainingArguments)}
+    no_checkpointing = {"activation_checkpointing" if "activation_checkpointing" in names
+                        else "gradient_checkpointing": False}
     config = SFTConfig(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=8,
         learning_rate=3e-3, logging_steps=10, report_to=[], save_strategy="no",
         packing=True, max_length=64,  # packed, padding-free rows; completion-only labels
-        use_cpu=not torch.cuda.is_available(), bf16=False, activation_checkpointing=False,
-        disable_tqdm=True)
+        use_cpu=not torch.cuda.is_available(), bf16=False, disable_tqdm=True, **no_checkpointing)
     trainer = RDropSFTTrainer(model=model, args=config, train_dataset=arithmetic_data(),
                               processing_class=tokenizer, rdrop_alpha=1.0)
     trainer.train()

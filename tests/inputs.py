@@ -1,5 +1,7 @@
 """Random test inputs that look like two dropout passes: z2 = z1 + noise, never zeros."""
 
+import dataclasses
+
 import torch
 
 from conftest import DEVICE
@@ -34,3 +36,13 @@ def grad_output_like(loss):
     if loss.dim() == 0:
         return torch.empty((), device=loss.device).uniform_(0.5, 2.0)
     return torch.randn(loss.shape, device=loss.device)
+
+
+def no_checkpointing():
+    """The TrainingArguments keyword that turns activation checkpointing off (TRL turns it on by
+    default): transformers renamed gradient_checkpointing to activation_checkpointing."""
+    import transformers
+
+    names = {field.name for field in dataclasses.fields(transformers.TrainingArguments)}
+    new = "activation_checkpointing" in names
+    return {"activation_checkpointing" if new else "gradient_checkpointing": False}

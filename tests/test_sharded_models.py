@@ -16,6 +16,7 @@ transformers = pytest.importorskip("transformers")
 import fastrdrop  # noqa: E402
 from fastrdrop.integrations.transformers import RDropTrainer, rdrop_causal_lm_loss  # noqa: E402
 
+from inputs import no_checkpointing  # noqa: E402
 from ranks import run_ranks  # noqa: E402
 
 VOCAB, ROWS, T = 101, 2, 9  # rows per rank
@@ -130,7 +131,7 @@ def _trainers_body(rank, world, folder):
         from fastrdrop.integrations.trl import RDropSFTTrainer
 
         args = trl.SFTConfig(output_dir=f"{folder}/{rank}", report_to=[], use_cpu=True,
-                             bf16=False, activation_checkpointing=False)
+                             bf16=False, **no_checkpointing())
         data = datasets.Dataset.from_dict({"text": ["w5 w6 w7"]})
         return RDropSFTTrainer(model=model, args=args, train_dataset=data,
                                processing_class=tokenizer(), rdrop_alpha=0.5)

@@ -21,6 +21,8 @@ import fastrdrop  # noqa: E402
 from fastrdrop.integrations.transformers import NoDropoutWarning  # noqa: E402
 from fastrdrop.integrations.trl import RDropSFTTrainer  # noqa: E402
 
+from inputs import no_checkpointing  # noqa: E402
+
 WORDS = [f"w{i}" for i in range(90)]
 
 
@@ -74,8 +76,8 @@ def trainer(tmp_path, layout, *, dropout=0.2, steps=2, batch_size=2, accumulatio
     args = trl.SFTConfig(
         output_dir=str(tmp_path / layout), max_steps=steps, per_device_train_batch_size=batch_size,
         gradient_accumulation_steps=accumulation, logging_steps=1, report_to=[], use_cpu=True,
-        bf16=False, fp16=False, activation_checkpointing=False, save_strategy="no",
-        disable_tqdm=True, seed=0, **config, **(options or {}))
+        bf16=False, fp16=False, save_strategy="no", disable_tqdm=True, seed=0,
+        **no_checkpointing(), **config, **(options or {}))
     return RDropSFTTrainer(model=tiny_llama(tok, dropout), args=args, train_dataset=data(),
                            processing_class=tok, **kwargs)
 
