@@ -3,6 +3,8 @@ measured (on CPU that measurement makes glibc hand out fresh pages from then on)
 peak memory of a fwd+bwd call is the gradient it returns, or twice that where autograd assembles
 it from two halves."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -23,6 +25,18 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
     assert events == [("time", "fwd"), ("time", "fwd+bwd"),
                       ("memory", "fwd"), ("memory", "fwd+bwd")]
     assert [row["status"] for row in rows] == ["ok", "ok"]
+
+
+def test_a_wrong_provider_gets_a_row_that_says_so(monkeypatch):
+    # it is not timed, and the providers after it still are
+    wrong = measure.PROVIDERS["eager"].make
+    monkeypatch.setitem(measure.PROVIDERS, "eager", dataclasses.replace(
+        measure.PROVIDERS["eager"], make=lambda: lambda logits, target: 1.01 * wrong()(logits,
+                                                                                      target)))
+    cases = [Case(8, 64, "float32", provider, "fwd") for provider in ("eager", "fastrdrop")]
+    rows = measure.measure(cases, torch.device("cpu"), repeats=3, warmup=1)
+    assert rows[0]["status"].startswith("wrong result: loss ") and "median_ms" not in rows[0]
+    assert rows[1]["status"] == "ok"
 
 
 @pytest.mark.skipif(_native.unavailable_reason() is not None, reason="needs the native kernel")
