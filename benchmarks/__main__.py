@@ -98,7 +98,11 @@ def main():
     if args.worlds:
         return main_vocab_parallel(args, env, repeats)
     rows, copy_gbps = [], {}
-    for group in report.progress(list(case_groups(args, device))):
+    groups = list(case_groups(args, device))
+    result = dict(environment=env, repeats=repeats, planned=sum(map(len, groups)), rows=rows)
+    out = _out_folder(args, env)
+    table = _write(out, result)
+    for group in report.progress(groups):
         first = group[0]
         key = (first.n_tokens, first.vocab_size, first.dtype)
         if key not in copy_gbps:
@@ -119,16 +123,20 @@ def main():
                 row["copy_gbps"] = copy_gbps[key]
                 row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
         rows.extend(group_rows)
-
-    out = _out_folder(args, env)
-    result = dict(environment=env, repeats=repeats, rows=rows)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    table = report.markdown(result) + "\n" + report.goals(result)
-    (out / "results.md").write_text(table)
+        # after every group: a run cut short (a GPU lease ending) keeps what it measured
+        table = _write(out, result)
     if not args.no_plots:
         report.plots(result, out)
     print(table)
     print(f"results written to {out}")
+
+
+def _write(out, result):
+    """results.json and results.md of the rows so far; returns the table."""
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    table = report.markdown(result) + "\n" + report.goals(result)
+    (out / "results.md").write_text(table)
+    return table
 
 
 def main_vocab_parallel(args, env, repeats):

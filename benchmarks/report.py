@@ -67,6 +67,8 @@ def markdown(result):
                       f"{r['peak_extra_mib']:.0f}", f"{r['gbps']:.1f}",
                       f"{100 * r['fraction_of_copy']:.0f}%"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
+    if len(result["rows"]) < result.get("planned", 0):
+        lines += ["", f"Cut short: {len(result['rows'])} of {result['planned']} cases measured."]
     return "\n".join(lines) + "\n"
 
 

@@ -4,6 +4,7 @@ peak memory of a fwd+bwd call is the gradient it returns, or twice that where au
 it from two halves."""
 
 import dataclasses
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -56,3 +57,16 @@ def test_cpu_peak_memory_is_the_gradient():
     (halves,) = measure.measure_in_subprocess([Case(n, v, "float32", "fastrdrop", "fwd+bwd")],
                                               torch.device("cpu"), repeats=3, warmup=1)
     assert 1.95 * gradient_mib <= halves["peak_extra_mib"] <= 2.05 * gradient_mib
+
+
+def test_a_run_cut_short_says_so():
+    # the runner writes its table after every group; one whose run was stopped names the gap
+    from benchmarks import report
+
+    env = dict(device="cpu", torch="-", triton="-", fastrdrop="-", backend="-", commit="-",
+               date="-")
+    row = dict(asdict(Case(8, 64, "float32", "eager", "fwd")), status="out of memory")
+    assert "Cut short: 1 of 3 cases" in report.markdown(dict(environment=env, repeats=3,
+                                                             planned=3, rows=[row]))
+    assert "Cut short" not in report.markdown(dict(environment=env, repeats=3, planned=1,
+                                                   rows=[row]))
