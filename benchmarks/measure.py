@@ -63,7 +63,8 @@ def make_inputs(case, device, seed=0):
         inputs = (h1, h2, weight)
     else:
         z = torch.empty((2 * n, v), device=device)
-        z1, z2 = z[:n].normal_(generator=gen).mul_(3.0), z[n:]
+        z1, z2 = z[:n], z[n:]
+        z1.normal_(generator=gen).mul_(3.0)
         z2.normal_(generator=gen).mul_(0.5).add_(z1)
         pair = PROVIDERS[case.provider].inputs == "pair"
         inputs = (z1.clone(), z2.clone()) if pair else (z,)  # a pair: two tensors of their own

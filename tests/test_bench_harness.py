@@ -4,7 +4,6 @@ peak memory of a fwd+bwd call is the gradient it returns, or twice that where au
 it from two halves."""
 
 import dataclasses
-from dataclasses import asdict
 
 import pytest
 import torch
@@ -30,10 +29,14 @@ def test_every_case_is_timed_before_memory_is_measured(monkeypatch):
 
 def test_a_wrong_provider_gets_a_row_that_says_so(monkeypatch):
     # it is not timed, and the providers after it still are
-    wrong = measure.PROVIDERS["eager"].make
-    monkeypatch.setitem(measure.PROVIDERS, "eager", dataclasses.replace(
-        measure.PROVIDERS["eager"], make=lambda: lambda logits, target: 1.01 * wrong()(logits,
-                                                                                      target)))
+    eager = measure.PROVIDERS["eager"]
+
+    def off_by_one_percent():
+        loss = eager.make()
+        return lambda logits, target: 1.01 * loss(logits, target)
+
+    monkeypatch.setitem(measure.PROVIDERS, "eager",
+                        dataclasses.replace(eager, make=off_by_one_percent))
     cases = [Case(8, 64, "float32", provider, "fwd") for provider in ("eager", "fastrdrop")]
     rows = measure.measure(cases, torch.device("cpu"), repeats=3, warmup=1)
     assert rows[0]["status"].startswith("wrong result: loss ") and "median_ms" not in rows[0]
@@ -65,7 +68,7 @@ def test_a_run_cut_short_says_so():
 
     env = dict(device="cpu", torch="-", triton="-", fastrdrop="-", backend="-", commit="-",
                date="-")
-    row = dict(asdict(Case(8, 64, "float32", "eager", "fwd")), status="out of memory")
+    row = dict(dataclasses.asdict(Case(8, 64, "float32", "eager", "fwd")), status="out of memory")
     assert "Cut short: 1 of 3 cases" in report.markdown(dict(environment=env, repeats=3,
                                                              planned=3, rows=[row]))
     assert "Cut short" not in report.markdown(dict(environment=env, repeats=3, planned=1,
