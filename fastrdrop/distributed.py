@@ -4,12 +4,14 @@ Rank r of a process group holds the logits of a contiguous slice of the vocabula
 the slices in rank order (their sizes may differ). Each pass's log-sum-exp, the expectations
 E_p[D] and E_q[D] of the symmetric KL and the smoothing term are sums over the whole vocabulary
 (DESIGN.md section 2), so per row they come from each rank's partial statistics of its slice
-(``_rdrop_partials_kernel``; ``partials_rows`` in ops.py): the maxima m_k and, relative to them,
-s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum (z_k - m_k) and V'; and
-whether a position of the slice is -inf in one pass only (the row's KL is then +inf).
+(``_rdrop_partials_kernel``; ``partials_rows`` in ops.py): a reference m_k per pass at the top of
+the slice (its maximum from the Triton kernel, its log-sum-exp rounded to float from the native
+one) and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum
+(z_k - m_k) and V'; and whether a position of the slice is -inf in one pass only (the row's KL is
+then +inf).
 
-1. MAX all-reduce of the two maxima per row, M_k = max_r m_k, of that one-pass flag, and of each
-   rank's V_r (one entry per rank, the others 0), which gives every rank the offsets of the
+1. MAX all-reduce of the two references per row, M_k = max_r m_k, of that one-pass flag, and of
+   each rank's V_r (one entry per rank, the others 0), which gives every rank the offsets of the
    slices;
 2. each rank brings its sums to M_k: s_k exp(m_k - M_k), t_k exp(m_k - M_k),
    sigma_k + V'_r (m_k - M_k), and adds the label's logits z_k[y] where y is in its slice (0
@@ -60,7 +62,7 @@ def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group,
     partials = partials_rows(z1, z2, label_smoothing, softcap, backend)  # [10, N]
     world, rank = dist.get_world_size(group), dist.get_rank(group)
 
-    # 1. the maxima of both passes, the one-pass flag, and the slice sizes
+    # 1. the references of both passes, the one-pass flag, and the slice sizes
     sizes = torch.zeros(world, dtype=torch.float32, device=z1.device)
     sizes[rank] = vocab
     maxima = torch.cat([partials[0], partials[1], partials[9], sizes])
@@ -70,7 +72,7 @@ def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group,
     offset, total = sizes[:rank].sum().long(), sizes.sum().long()  # on the device: no sync
     check_labels(target, total)
 
-    # 2. this rank's sums, brought to the global maxima (shifts of 0 where a pass saw nothing)
+    # 2. this rank's sums, brought to the global references (shift 0 where a pass saw nothing)
     shift = _guarded(partials[0:2])
     new_shift = _guarded(global_max)
     factor = torch.where(partials[0:2] == NEG_INF, 0.0, torch.exp(shift - new_shift))

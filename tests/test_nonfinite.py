@@ -171,6 +171,31 @@ def test_one_pass_minus_inf_then_a_rising_maximum(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_rows_that_rise_far_above_their_first_block(backend):
+    # Later vocabulary blocks far above the first (where a kernel's shifts start): 150 and 300
+    # above it, past exp's range, and rises of 40 per block, which stay in range for a while.
+    # The oracle rule in fp32, for the loss and both gradients.
+    vocab_size = 4 * 2048 + 100
+    z1, z2 = logits_pair((3, vocab_size), torch.float32)
+    target = labels((3,), vocab_size, ignored=0.0)
+    rise = torch.zeros(3, vocab_size, device=DEVICE)
+    rise[0, 3000:], rise[0, 7000:] = 150.0, 300.0
+    rise[1] = 40.0 * (torch.arange(vocab_size, device=DEVICE) // 2048)
+    rise[2, -1] = 200.0  # one entry in the last, partial block
+    z1, z2 = z1 + rise, z2 + rise
+    keywords = dict(target=target, alpha=0.7)
+    grad_output = torch.tensor(1.3, device=DEVICE)
+    fused = loss_and_grads(functools.partial(fastrdrop.rdrop_loss, backend=backend, **keywords),
+                           z1, z2, grad_output)
+    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **keywords),
+                           z1, z2, grad_output)
+    truth = loss_and_grads(functools.partial(oracle_loss, **keywords), z1.double(), z2.double(),
+                           grad_output)
+    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
+        assert_oracle_rule(f, e, t, torch.float32, what)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_plus_inf_under_softcap_is_its_cap(backend):
     # softcap maps +inf to c, as it maps a huge logit: the loss is finite, the same as with 1e30
     z1, z2 = logits_pair((3, 40), torch.float32)

@@ -2,8 +2,8 @@
 //
 // Math, per row (DESIGN.md section 2). z1, z2 are one row of each pass, after the optional
 // softcap z = c * tanh(x / c); e_y is the one-hot of the label y; eps the label smoothing. Each
-// pass's log-sum-exp is kept as its maximum m_k and log s_k, s_k = sum exp(z_k - m_k), so that p
-// loses nothing to the rounding of a large lse = m + log s:
+// pass's log-sum-exp is kept as m_k, itself rounded to float, and log s_k, s_k = sum exp(z_k -
+// m_k), the rest, so that p loses nothing to the rounding of a large lse = m + log s:
 //
 //     p = exp(z1 - m1 - log s1)        q = exp(z2 - m2 - log s2)        D = z1 - z2
 //     CE_k  = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'),  sigma_k = sum (z_k - m_k)
@@ -105,6 +105,7 @@ inline void store_word(Elem<Fmt>* p, int64_t k, uint32_t w) {
 struct F32 {
   using storage = float;
   static constexpr int kLanes = 1;
+  static constexpr int kExpDegree = 5;  // see vexp
   static float load(float x) { return x; }
   static float store(float x) { return x; }
   template <int>
@@ -117,6 +118,7 @@ struct F32 {
 struct BF16 {  // the top half of a float's bits
   using storage = uint16_t;
   static constexpr int kLanes = 2;
+  static constexpr int kExpDegree = 4;
   static float load(uint16_t x) { return as_float(static_cast<uint32_t>(x) << 16); }
   // x's bits rounded to nearest even in the top half: add half an ulp, less one unless the kept
   // mantissa is odd
@@ -138,6 +140,7 @@ struct BF16 {  // the top half of a float's bits
 struct F16 {  // IEEE half, converted on the bits so that the loops vectorise without AVX512-FP16
   using storage = uint16_t;
   static constexpr int kLanes = 2;
+  static constexpr int kExpDegree = 4;
   static float load(uint16_t h) {
     const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
     const uint32_t rest = static_cast<uint32_t>(h & 0x7FFFu) << 13;
@@ -177,6 +180,7 @@ template <typename Fmt>
 struct Single {
   using storage = Elem<Fmt>;
   static constexpr int kLanes = 1;
+  static constexpr int kExpDegree = Fmt::kExpDegree;
   template <int>
   static float lane(const storage* p, int64_t k) {
     return Fmt::load(p[k]);
@@ -220,22 +224,37 @@ inline int64_t lane_major(int64_t j, int64_t len) {
 
 // ---- vectorisable elementary functions ---------------------------------------------------------
 
-// exp(x) for x <= 88, branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2,
-// exp(r) by a degree-5 polynomial, 2^n put into the exponent bits. One FMA reduces x with ln2
-// rounded to float, whose error of 1.9e-9 grows with |n|: the relative error is below 2.1e-7
-// (1.7 ulp) for x in [-20, 0] and 4e-7 down to the smallest normal float. x is clamped at -88,
-// where n = -127 makes the exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no
-// test. Callers pass logits minus a shift at most kHeadroom below them, or minus their lse.
+// exp(x), branch-free so that loops over it vectorise: x = n ln2 + r, |r| <= ln2 / 2, exp(r) by a
+// polynomial of degree kDegree, 2^n put into the exponent bits. One FMA reduces x with ln2
+// rounded to float, whose error of 1.9e-9 grows with |n|. Degree 5, for fp32 rows: the relative
+// error is below 2.1e-7 (1.7 ulp) for x in [-20, 0] and 4e-7 down to the smallest normal float.
+// Degree 4, for 16-bit rows, one FMA shorter: below 5.4e-6, 90 times finer than fp16's rounding
+// of the logits themselves (bf16's: 700 times). x is clamped at -88, where n = -127 makes the
+// exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no test. Above 88.7 the
+// exponent bits saturate: the result is inf (which a block's sum shows, see row_sums), or NaN
+// for x = inf or NaN.
 namespace exp_coef {  // shared by vexp and its AVX-512 form, so that both give the same bits
 constexpr float kLowest = -88.0f;
 constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
 constexpr uint32_t kMagicBits = 0x4B400000u;
 constexpr float kLog2e = 1.44269504088896341f;
 constexpr float kLn2 = 0.693147182f;
-// exp(r) = 1 + r + r^2 (c2 + c3 r + c4 r^2 + c5 r^3), fitted for relative error on |r| <= ln2 / 2
-constexpr float kPoly[] = {8.33381e-3f, 4.189858e-2f, 1.6666887e-1f, 4.9999143e-1f, 1.0f, 1.0f};
+// exp(r) = 1 + r + r^2 (c2 + c3 r + ...), highest coefficient first, fitted for relative error
+// on |r| <= ln2 / 2
+template <int kDegree>
+struct Poly;
+template <>
+struct Poly<5> {
+  static constexpr float c[] = {8.33381e-3f, 4.189858e-2f, 1.6666887e-1f, 4.9999143e-1f, 1.0f,
+                                1.0f};
+};
+template <>
+struct Poly<4> {
+  static constexpr float c[] = {4.127775e-2f, 1.6753516e-1f, 5.0005114e-1f, 1.0f, 1.0f};
+};
 }  // namespace exp_coef
 
+template <int kDegree>
 [[gnu::always_inline]] inline float vexp(float x) {
   using namespace exp_coef;
   const float xc = std::max(x, kLowest);
@@ -243,17 +262,17 @@ constexpr float kPoly[] = {8.33381e-3f, 4.189858e-2f, 1.6666887e-1f, 4.9999143e-
   const float t = xc * kLog2e + kMagic;
   const float n = t - kMagic;
   const float r = xc - n * kLn2;
-  float p = kPoly[0];  // Horner's scheme, five FMAs
-  for (int i = 1; i < 6; ++i) p = p * r + kPoly[i];
-  // 2^n: n + 127 into the exponent bits; unsigned, so that no input, NaN included, makes the
-  // shift undefined
-  const uint32_t scale_bits = (as_bits(t) - kMagicBits + 127u) << 23;
+  float p = Poly<kDegree>::c[0];  // Horner's scheme, kDegree FMAs
+  for (int i = 1; i <= kDegree; ++i) p = p * r + Poly<kDegree>::c[i];
+  // 2^n: n + 127, at most 255 (inf), into the exponent bits; unsigned, so that no input, NaN
+  // included, makes the shift undefined
+  const uint32_t scale_bits = std::min(as_bits(t) - kMagicBits + 127u, 255u) << 23;
   return p * as_float(scale_bits);
 }
 
 // c * tanh(x / c), through exp(-2 |x / c|): the same formula as the Triton kernels
 [[gnu::always_inline]] inline float softcap_of(float x, float c) {
-  const float e = vexp(-2.0f * std::fabs(x / c));
+  const float e = vexp<5>(-2.0f * std::fabs(x / c));
   const float t = (1.0f - e) / (1.0f + e);
   return c * (x < 0.0f ? -t : t);
 }
@@ -289,15 +308,18 @@ inline void prefetch_next_page(const T* p) {
 inline Mask first(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 1); }
 
 // vexp, lane by lane
+template <int kDegree>
 inline Vec exp(Vec x) {
   using namespace exp_coef;
   const Vec xc = _mm512_max_ps(set(kLowest), x);  // max(-88, NaN) is NaN, as in vexp
   const Vec t = _mm512_fmadd_ps(xc, set(kLog2e), set(kMagic));
   const Vec n = _mm512_sub_ps(t, set(kMagic));
   const Vec r = _mm512_fnmadd_ps(n, set(kLn2), xc);
-  Vec p = set(kPoly[0]);
-  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, set(kPoly[i]));
-  const __m512i bits = _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(kMagicBits - 127u));
+  Vec p = set(Poly<kDegree>::c[0]);
+  for (int i = 1; i <= kDegree; ++i) p = _mm512_fmadd_ps(p, r, set(Poly<kDegree>::c[i]));
+  const __m512i bits = _mm512_min_epu32(
+      _mm512_sub_epi32(_mm512_castps_si512(t), _mm512_set1_epi32(kMagicBits - 127u)),
+      _mm512_set1_epi32(255));
   return _mm512_mul_ps(p, _mm512_castsi512_ps(_mm512_slli_epi32(bits, 23)));
 }
 
@@ -433,20 +455,22 @@ inline double rescale(float m_old, float shift) {
 }
 
 // The sums of one block for fixed shifts: s_k = sum exp(z_k - shift_k), t_k = sum exp(z_k -
-// shift_k) D, sum (z_k - shift_k) and the count of present entries (smoothing only), and the
-// block's maxima.
-// d: the sum of D, finite unless some D is infinite or NaN (the fast pass's test); lone: 1 where
-// a position is -inf in one pass only (found by the guarded pass).
+// shift_k) D, sum (z_k - shift_k) and the count of present entries (smoothing only). lone: 1
+// where a position is -inf in one pass only (found by the guarded pass).
 struct BlockSums {
-  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, z1 = 0, z2 = 0, n = 0, max1 = kNegInf, max2 = kNegInf;
-  float d = 0, lone = 0;
+  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, z1 = 0, z2 = 0, n = 0, lone = 0;
 
   BlockSums& operator+=(const BlockSums& o) {
     s1 += o.s1, s2 += o.s2, t1 += o.t1, t2 += o.t2, z1 += o.z1, z2 += o.z2, n += o.n;
-    max1 = std::max(max1, o.max1), max2 = std::max(max2, o.max2);
-    d += o.d, lone = std::max(lone, o.lone);
+    lone = std::max(lone, o.lone);
     return *this;
   }
+
+  // The fast pass's test: D is finite everywhere, as far as t_k tells. An infinite or NaN D (at
+  // a -inf, +inf or NaN logit) makes a t_k infinite or NaN: exp(z_k - shift_k) D, or 0 * D where
+  // the exponential is 0. (t_k may also overflow with D finite: the guarded pass then gives the
+  // same sums.)
+  bool d_finite() const { return std::isfinite(t1) && std::isfinite(t2); }
 };
 
 // Where a row's exponentials exp(z_k - shift_k) and each block's shifts are kept for the
@@ -459,22 +483,21 @@ struct RowCache {
 };
 
 // The sums of lane kLane of words [0, words); with kCache the exponentials go to e1_out,
-// e2_out. D is infinite or NaN only at a -inf logit. Without kGuard such a position makes the sum
-// of D non-finite, and the block is summed again with kGuard: t_k then takes 0 for exp(z_k -
+// e2_out. D is infinite or NaN only at a -inf logit. Without kGuard such a position makes t_k
+// non-finite, and the block is summed again with kGuard: t_k then takes 0 for exp(z_k -
 // shift_k) D where the exponential is 0 (0 * inf := 0), and nothing where the position is -inf
 // in one pass only, which it counts instead (its KL is +inf, whatever exp(z_k) rounds to).
 template <typename Fmt, int kLane, bool kSoftcap, bool kSmoothing, bool kCache, bool kGuard>
 inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t words, float cap,
                             float shift1, float shift2, float* __restrict e1_out,
                             float* __restrict e2_out) {
-  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0, sd = 0;
-  float max1 = kNegInf, max2 = kNegInf, lone = 0;
-#pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n, sd) reduction(max : max1, max2, lone)
+  float s1 = 0, s2 = 0, t1 = 0, t2 = 0, sz1 = 0, sz2 = 0, n = 0, lone = 0;
+#pragma omp simd reduction(+ : s1, s2, t1, t2, sz1, sz2, n) reduction(max : lone)
   for (int64_t k = 0; k < words; ++k) {
     float a = Fmt::template lane<kLane>(z1, k), b = Fmt::template lane<kLane>(z2, k);
     const bool here = present<kSoftcap>(a, b, cap);
     float d = a - b;  // inf or NaN only at a -inf logit
-    const float e1 = vexp(a - shift1), e2 = vexp(b - shift2);
+    const float e1 = vexp<Fmt::kExpDegree>(a - shift1), e2 = vexp<Fmt::kExpDegree>(b - shift2);
     if constexpr (kCache) {
       e1_out[k] = e1;
       e2_out[k] = e2;
@@ -488,7 +511,6 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
       t1 += e1 > 0.0f ? e1 * d : 0.0f;  // 0 * inf := 0: a zero probability adds nothing
       t2 += e2 > 0.0f ? e2 * d : 0.0f;
     } else {
-      sd += d;
       t1 += e1 * d;
       t2 += e2 * d;
     }
@@ -497,10 +519,8 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
       sz2 += here ? b - shift2 : 0.0f;
       n += here ? 1.0f : 0.0f;
     }
-    max1 = std::max(max1, a);
-    max2 = std::max(max2, b);
   }
-  return {s1, s2, t1, t2, sz1, sz2, n, max1, max2, sd, lone};
+  return {s1, s2, t1, t2, sz1, sz2, n, lone};
 }
 
 #if FASTRDROP_AVX512
@@ -513,8 +533,7 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
   constexpr int L = Fmt::kLanes;
   const int64_t words = len / L;
   const Vec shift1v = set(shift1), shift2v = set(shift2);
-  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0), sd = set(0);
-  Vec max1 = set(kNegInf), max2 = set(kNegInf);
+  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0);
   for (int64_t k = 0; k < words; k += 16) {
     const Mask m = first(words - k);
     Vec a[L], b[L];
@@ -525,7 +544,7 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
     for (int l = 0; l < L; ++l) {
       const Vec x1 = _mm512_sub_ps(a[l], shift1v), x2 = _mm512_sub_ps(b[l], shift2v);
       const Vec d = _mm512_sub_ps(a[l], b[l]);
-      const Vec p = exp(x1), q = exp(x2);
+      const Vec p = exp<Fmt::kExpDegree>(x1), q = exp<Fmt::kExpDegree>(x2);
       if constexpr (kCache) {
         _mm512_mask_storeu_ps(e1 + l * words + k, m, p);
         _mm512_mask_storeu_ps(e2 + l * words + k, m, q);
@@ -534,21 +553,16 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
       s2 = _mm512_mask_add_ps(s2, m, s2, q);
       t1 = _mm512_mask3_fmadd_ps(p, d, t1, m);
       t2 = _mm512_mask3_fmadd_ps(q, d, t2, m);
-      sd = _mm512_mask_add_ps(sd, m, sd, d);
       if constexpr (kSmoothing) {
         sz1 = _mm512_mask_add_ps(sz1, m, sz1, x1);
         sz2 = _mm512_mask_add_ps(sz2, m, sz2, x2);
       }
-      max1 = _mm512_mask_max_ps(max1, m, a[l], max1);
-      max2 = _mm512_mask_max_ps(max2, m, b[l], max2);
     }
   }
   BlockSums sums{_mm512_reduce_add_ps(s1),  _mm512_reduce_add_ps(s2),
                  _mm512_reduce_add_ps(t1),  _mm512_reduce_add_ps(t2),
                  _mm512_reduce_add_ps(sz1), _mm512_reduce_add_ps(sz2),
-                 kSmoothing ? static_cast<float>(words * L) : 0.0f,
-                 _mm512_reduce_max_ps(max1), _mm512_reduce_max_ps(max2),
-                 _mm512_reduce_add_ps(sd),  0.0f};
+                 kSmoothing ? static_cast<float>(words * L) : 0.0f, 0.0f};
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
     sums += block_sums<Single<Fmt>, 0, false, kSmoothing, kCache, false>(
@@ -560,8 +574,10 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
 #endif
 
 // The partial statistics of a row (or of its slice of a vocabulary split across ranks): each
-// pass's maximum m_k and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D,
-// and with smoothing sigma_k = sum (z_k - m_k) and V' (else V' = V and sigma_k = 0).
+// pass's reference m_k and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D,
+// and with smoothing sigma_k = sum (z_k - m_k) and V' (else V' = V and sigma_k = 0). m_k is the
+// log-sum-exp rounded to float, -inf where nothing is present, or where the sums are not finite,
+// the shift of the last block.
 struct RowSums {
   float m1, m2;
   double s1, s2, t1, t2, sigma1, sigma2, n_present;
@@ -569,22 +585,36 @@ struct RowSums {
   bool lone;     // a position is -inf in one pass only: the KL is +inf
 };
 
-// Online softmax over vocabulary blocks: each block is summed with the running maximum of the
-// blocks before it as its shift (the first block finds its own maximum first), in one pass that
-// also finds the block's maxima; a block that rises more than kHeadroom above its shift, where
-// exp would come near overflow, is summed again with its own maxima. sigma_k comes from the
-// blocks' sums of (z_k - shift) and their shifts.
+// A reference m with s = sum exp(z - m), t = sum exp(z - m) D, moved to m's pass's log-sum-exp
+// rounded to float: then z - m <= 0 but for that rounding, and log s, a float in the stats, is
+// 0 but for it. Left as it is where nothing is present or a sum is not finite.
+inline void settle(float& m, double& s, double& t) {
+  if (!(s > 0.0) || !std::isfinite(s) || !std::isfinite(m)) return;
+  const float lse = static_cast<float>(m + std::log(s));
+  const double r = std::exp(static_cast<double>(m) - lse);
+  s *= r;
+  t *= r;
+  m = lse;
+}
+
+// Online softmax over vocabulary blocks with running references m_k in place of running maxima,
+// so that the pass over a block needs no maximum of its entries: each block is summed with the
+// references as its shifts. The references start at the first block's maxima (and stay -inf
+// while a pass has nothing present), and are raised to a block's maxima only where its sum
+// exceeds kLimit, where exp would come near overflow, which that block's sums then take again.
+// sigma_k comes from the blocks' sums of (z_k - shift) and their shifts.
 template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
 RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
                  const RowCache& cache = {}) {
-  constexpr float kHeadroom = 64.0f;  // 2048 * exp(64) stays far below FLT_MAX
+  constexpr float kLimit = 0x1p90f;  // e^62: times |D| still far below FLT_MAX
   const float cap = o.softcap;
-  float m1 = kNegInf, m2 = kNegInf;  // running maxima
+  float m1 = kNegInf, m2 = kNegInf;  // the references
   // sum_z_k: sum (z_k - shift) over the blocks; shifted_k: sum n_block shift (smoothing only)
   double s1 = 0, s2 = 0, t1 = 0, t2 = 0, sum_z1 = 0, sum_z2 = 0, n_present = o.vocab;
   double shifted1 = 0, shifted2 = 0;
   if constexpr (kSmoothing) n_present = 0;
   bool guarded = false, lone = false;
+  auto too_large = [](const BlockSums& b) { return !(b.s1 <= kLimit && b.s2 <= kLimit); };
   auto block = [&](const Elem<Fmt>* b1, const Elem<Fmt>* b2, int64_t len, float shift1,
                    float shift2, float* e1, float* e2) {
     // lane by lane, so that with kCache the gradient pass finds each lane's exponentials in
@@ -611,7 +641,7 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
       return b;
     };
     const BlockSums b = sums(std::false_type{});
-    if (std::isfinite(b.d)) return b;
+    if (too_large(b) || b.d_finite()) return b;  // too large: the shifts are raised first
     guarded = true;
     return sums(std::true_type{});
   };
@@ -619,38 +649,34 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
     const int64_t len = std::min(kBlock, o.vocab - start);
     const Elem<Fmt>* b1 = z1 + start;
     const Elem<Fmt>* b2 = z2 + start;
-    float shift1 = m1, shift2 = m2;
-    if (m1 == kNegInf || m2 == kNegInf) {  // nothing seen yet: this block's own maxima
+    float new_m1 = m1, new_m2 = m2;
+    auto raise = [&] {  // the references to at least this block's maxima
       float max1, max2;
       block_max<Fmt, kSoftcap>(b1, b2, len, cap, max1, max2);
-      shift1 = std::max(m1, max1);
-      shift2 = std::max(m2, max2);
-    }
-    shift1 = shift1 == kNegInf ? 0.0f : shift1;  // never -inf - -inf
-    shift2 = shift2 == kNegInf ? 0.0f : shift2;
+      new_m1 = std::max(new_m1, max1);
+      new_m2 = std::max(new_m2, max2);
+    };
+    if (m1 == kNegInf || m2 == kNegInf) raise();
+    // the shifts: the references, never -inf (-inf - -inf)
+    auto shift = [](float m) { return m == kNegInf ? 0.0f : m; };
     float* e1 = kCache ? cache.e1 + start : nullptr;
     float* e2 = kCache ? cache.e2 + start : nullptr;
-    BlockSums b = block(b1, b2, len, shift1, shift2, e1, e2);
-    if (b.max1 - shift1 > kHeadroom || b.max2 - shift2 > kHeadroom) {
-      shift1 = std::max(shift1, b.max1);
-      shift2 = std::max(shift2, b.max2);
-      b = block(b1, b2, len, shift1, shift2, e1, e2);
+    BlockSums b = block(b1, b2, len, shift(new_m1), shift(new_m2), e1, e2);
+    if (too_large(b)) {
+      raise();
+      b = block(b1, b2, len, shift(new_m1), shift(new_m2), e1, e2);
     }
+    const float shift1 = shift(new_m1), shift2 = shift(new_m2);
     if constexpr (kCache) {
       cache.shift1[start / kBlock] = shift1;
       cache.shift2[start / kBlock] = shift2;
     }
-    // bring the running sums and the block's to the new running maxima
-    const float new_m1 = std::max(m1, b.max1), new_m2 = std::max(m2, b.max2);
-    const float ref1 = new_m1 == kNegInf ? 0.0f : new_m1;
-    const float ref2 = new_m2 == kNegInf ? 0.0f : new_m2;
-    const double r1 = rescale(m1, ref1), r2 = rescale(m2, ref2);
-    const double q1 = std::exp(static_cast<double>(shift1) - ref1);
-    const double q2 = std::exp(static_cast<double>(shift2) - ref2);
-    s1 = s1 * r1 + b.s1 * q1;
-    s2 = s2 * r2 + b.s2 * q2;
-    t1 = t1 * r1 + b.t1 * q1;
-    t2 = t2 * r2 + b.t2 * q2;
+    // the running sums to the new references, which are the block's shifts
+    const double r1 = rescale(m1, shift1), r2 = rescale(m2, shift2);
+    s1 = s1 * r1 + b.s1;
+    s2 = s2 * r2 + b.s2;
+    t1 = t1 * r1 + b.t1;
+    t2 = t2 * r2 + b.t2;
     if constexpr (kSmoothing) {
       sum_z1 += b.z1;
       sum_z2 += b.z2;
@@ -662,6 +688,8 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
     m1 = new_m1;
     m2 = new_m2;
   }
+  settle(m1, s1, t1);
+  settle(m2, s2, t2);
   RowSums u{m1, m2, s1, s2, t1, t2, 0.0, 0.0, n_present, guarded, lone};
   if constexpr (kSmoothing) {
     const double ref1 = m1 == kNegInf ? 0.0 : m1, ref2 = m2 == kNegInf ? 0.0 : m2;
@@ -716,10 +744,12 @@ RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Op
 
 // A row's gradient is a linear form in p, q, p (D - E_p[D]) and q (D - E_q[D]), with h = c_kl / 2
 // and u = (1 - eps) [j == y] + eps / V' the label term (0 without target):
-//   dz1 =  h p (D - E_p[D]) + (c_ce1 + h) p - h q - c_ce1 u  =  p (h D + k1) - h q - c_ce1 u
-//   dz2 = -h q (D - E_q[D]) + (c_ce2 + h) q - h p - c_ce2 u  =  q (k2 - h D) - h p - c_ce2 u
-// with k1 = c_ce1 + h (1 - E_p[D]), k2 = c_ce2 + h (1 + E_q[D]), computed once per row. Given
-// p / s1 and q / s2 in place of p and q, the form scaled(s1, s2) gives the same dz1, dz2.
+//   dz1 =  h p (D - E_p[D]) + (c_ce1 + h) p - h q - c_ce1 u  =  (h p) D + k1 p - h q - c_ce1 u
+//   dz2 = -h q (D - E_q[D]) + (c_ce2 + h) q - h p - c_ce2 u  = -(h q) D + k2 q - h p - c_ce2 u
+// with k1 = c_ce1 + h (1 - E_p[D]), k2 = c_ce2 + h (1 + E_q[D]), computed once per row. h p and
+// h q come first, so that where p or q is 0 the term is 0 for a finite D however large (D h
+// itself may overflow). Given p / s1 and q / s2 in place of p and q, the form scaled(s1, s2)
+// gives the same dz1, dz2.
 struct GradForm {
   float m1, m2, log_s1, log_s2;  // the row's stats
   float h1, h2;      // c_kl / 2, times s1 and s2 when scaled
@@ -739,12 +769,13 @@ template <bool kSoftcap, bool kGuard = true, bool kLabel = true>
                                             float u, const GradForm& f, float softcap, float& g1,
                                             float& g2) {
   const float d = x1 - x2;
-  float w1 = p * (f.h1 * d + f.k1), w2 = q * (f.k2 - f.h2 * d);
+  const float hp = f.h1 * p, hq = f.h2 * q;
+  float w1 = hp * d + f.k1 * p, w2 = f.k2 * q - hq * d;
   if constexpr (kGuard) {
     w1 = p > 0.0f ? w1 : 0.0f;
     w2 = q > 0.0f ? w2 : 0.0f;
   }
-  float a = w1 - f.h2 * q, b = w2 - f.h1 * p;
+  float a = w1 - hq, b = w2 - hp;
   if constexpr (kLabel) {
     a -= f.c1 * u;
     b -= f.c2 * u;
@@ -785,8 +816,8 @@ inline void grads_words(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1
     const Word<L> w1 = unpack<Fmt>(z1, k), w2 = unpack<Fmt>(z2, k);
     auto lane = [&](float a, float b, int64_t at) __attribute__((always_inline)) {
       const bool here = present<kSoftcap>(a, b, cap);
-      const float p = kCached ? e1[at] * s1 : vexp(a - f.m1 - f.log_s1);
-      const float q = kCached ? e2[at] * s2 : vexp(b - f.m2 - f.log_s2);
+      const float p = kCached ? e1[at] * s1 : vexp<Fmt::kExpDegree>(a - f.m1 - f.log_s1);
+      const float q = kCached ? e2[at] * s2 : vexp<Fmt::kExpDegree>(b - f.m2 - f.log_s2);
       float g1, g2;
       grads_of<kSoftcap, kGuard, kSmoothing>(p, q, a, b, kMasked ? here : true, f.smooth, f, cap,
                                              g1, g2);
@@ -838,8 +869,8 @@ void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem
         p = _mm512_maskz_loadu_ps(m, e1 + l * words + k);
         q = _mm512_maskz_loadu_ps(m, e2 + l * words + k);
       } else {
-        p = exp(_mm512_sub_ps(_mm512_sub_ps(a[l], m1), log_s1));
-        q = exp(_mm512_sub_ps(_mm512_sub_ps(b[l], m2), log_s2));
+        p = exp<Fmt::kExpDegree>(_mm512_sub_ps(_mm512_sub_ps(a[l], m1), log_s1));
+        q = exp<Fmt::kExpDegree>(_mm512_sub_ps(_mm512_sub_ps(b[l], m2), log_s2));
         p_live = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);
         q_live = _mm512_cmp_ps_mask(q, zero, _CMP_GT_OQ);
         if constexpr (kSmoothing) {
@@ -849,11 +880,18 @@ void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem
           c2 = _mm512_maskz_mov_ps(here, c2);
         }
       }
-      // p (h1 D + k1) - h2 q - c1 u,  q (k2 - h2 D) - h1 p - c2 u
-      g1[l] = _mm512_mask3_fmadd_ps(p, _mm512_fmadd_ps(h1, d, k1), _mm512_fnmadd_ps(h2, q, c1),
-                                    p_live);
-      g2[l] = _mm512_mask3_fmadd_ps(q, _mm512_fnmadd_ps(h2, d, k2), _mm512_fnmadd_ps(h1, p, c2),
-                                    q_live);
+      // (h1 p) D + k1 p - h2 q - c1 u,  -(h2 q) D + k2 q - h1 p - c2 u (see GradForm)
+      const Vec hp = _mm512_mul_ps(h1, p), hq = _mm512_mul_ps(h2, q);
+      Vec rest1, rest2;  // all but the D terms
+      if constexpr (kSmoothing) {
+        rest1 = _mm512_fmadd_ps(k1, p, _mm512_sub_ps(c1, hq));
+        rest2 = _mm512_fmadd_ps(k2, q, _mm512_sub_ps(c2, hp));
+      } else {
+        rest1 = _mm512_fmsub_ps(k1, p, hq);
+        rest2 = _mm512_fmsub_ps(k2, q, hp);
+      }
+      g1[l] = _mm512_mask3_fmadd_ps(hp, d, rest1, p_live);
+      g2[l] = _mm512_mask3_fnmadd_ps(hq, d, rest2, q_live);
     }
     Words<Fmt>::store(dz1, k, m, g1);
     Words<Fmt>::store(dz2, k, m, g2);
@@ -932,8 +970,10 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
     run(std::false_type{});
   }
   if (label_local) {
-    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp(label1 - f.m1 - f.log_s1),
-                               vexp(label2 - f.m2 - f.log_s2), label1, label2, label_here, f, o);
+    constexpr int kDegree = Fmt::kExpDegree;
+    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp<kDegree>(label1 - f.m1 - f.log_s1),
+                               vexp<kDegree>(label2 - f.m2 - f.log_s2), label1, label2,
+                               label_here, f, o);
   }
 }
 
