@@ -102,6 +102,19 @@ def test_nothing_present_without_target_is_zero(backend, inplace, dtype, stacked
         assert torch.isfinite(grad).all()
 
 
+def assert_fp32_oracle_rule(backend, z1, z2, keywords, label=""):
+    """The oracle rule in fp32 for the loss and both gradients, with an upstream gradient of 1.3."""
+    grad_output = torch.tensor(1.3, device=DEVICE)
+    fused = loss_and_grads(functools.partial(fastrdrop.rdrop_loss, backend=backend, **keywords),
+                           z1, z2, grad_output)
+    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **keywords),
+                           z1, z2, grad_output)
+    truth = loss_and_grads(functools.partial(oracle_loss, **keywords), z1.double(), z2.double(),
+                           grad_output)
+    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
+        assert_oracle_rule(f, e, t, torch.float32, label + what)
+
+
 @pytest.mark.parametrize(("backend", "inplace"), MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("stacked", [False, True], ids=["pair", "stacked"])
@@ -127,21 +140,12 @@ def test_ignored_tokens_are_never_read(backend, inplace, dtype, stacked):
 @pytest.mark.parametrize("offset", [1e3, 1e4])
 def test_large_logits_keep_fp32_accuracy(backend, offset, label_smoothing):
     # Rows of randn * 2 + C: a log-sum-exp of ~C rounded to fp32 is off by C * 2^-24, which would
-    # cost p that much relative accuracy; kept as (max, log sum) it costs nothing. The oracle rule
-    # in fp32, for the loss and both gradients.
+    # cost p that much relative accuracy; kept as two terms it costs nothing.
     z1, z2 = logits_pair((6, 3000), torch.float32, spread=2.0)
     z1, z2 = z1 + offset, z2 + offset
     target = labels((6,), 3000, ignored=0.0)
     keywords = dict(target=target, label_smoothing=label_smoothing, alpha=0.7)
-    grad_output = torch.tensor(1.3, device=DEVICE)
-    fused = loss_and_grads(functools.partial(fastrdrop.rdrop_loss, backend=backend, **keywords),
-                           z1, z2, grad_output)
-    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **keywords),
-                           z1, z2, grad_output)
-    truth = loss_and_grads(functools.partial(oracle_loss, **keywords), z1.double(), z2.double(),
-                           grad_output)
-    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
-        assert_oracle_rule(f, e, t, torch.float32, f"C={offset:g} {what}")
+    assert_fp32_oracle_rule(backend, z1, z2, keywords, f"C={offset:g} ")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -174,7 +178,6 @@ def test_one_pass_minus_inf_then_a_rising_maximum(backend):
 def test_rows_that_rise_far_above_their_first_block(backend):
     # Later vocabulary blocks far above the first (where a kernel's shifts start): 150 and 300
     # above it, past exp's range, and rises of 40 per block, which stay in range for a while.
-    # The oracle rule in fp32, for the loss and both gradients.
     vocab_size = 4 * 2048 + 100
     z1, z2 = logits_pair((3, vocab_size), torch.float32)
     target = labels((3,), vocab_size, ignored=0.0)
@@ -184,15 +187,7 @@ def test_rows_that_rise_far_above_their_first_block(backend):
     rise[2, -1] = 200.0  # one entry in the last, partial block
     z1, z2 = z1 + rise, z2 + rise
     keywords = dict(target=target, alpha=0.7)
-    grad_output = torch.tensor(1.3, device=DEVICE)
-    fused = loss_and_grads(functools.partial(fastrdrop.rdrop_loss, backend=backend, **keywords),
-                           z1, z2, grad_output)
-    eager = loss_and_grads(functools.partial(fastrdrop.reference.rdrop_loss, **keywords),
-                           z1, z2, grad_output)
-    truth = loss_and_grads(functools.partial(oracle_loss, **keywords), z1.double(), z2.double(),
-                           grad_output)
-    for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
-        assert_oracle_rule(f, e, t, torch.float32, what)
+    assert_fp32_oracle_rule(backend, z1, z2, keywords)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
