@@ -576,8 +576,8 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
 // The partial statistics of a row (or of its slice of a vocabulary split across ranks): each
 // pass's reference m_k and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D,
 // and with smoothing sigma_k = sum (z_k - m_k) and V' (else V' = V and sigma_k = 0). m_k is the
-// log-sum-exp rounded to float, -inf where nothing is present, or where the sums are not finite,
-// the shift of the last block.
+// pass's log-sum-exp rounded to float; -inf where nothing is present; where a sum is not finite,
+// the last block's shift.
 struct RowSums {
   float m1, m2;
   double s1, s2, t1, t2, sigma1, sigma2, n_present;
