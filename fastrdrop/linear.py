@@ -307,7 +307,7 @@ def _gradients_into_logits(z, labels, row_weight, alpha, kernel_args):
                             distributed.LOCAL_IGNORE, *kernel_args[1:], grads=(z, None))
         return parts
     if backend != "torch":
-        return ops.rdrop_forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)
+        return ops.forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)
     leaf = z.detach().requires_grad_()
     with torch.enable_grad():
         parts = reference.rdrop_loss(*ops.halves(leaf, None), labels, reduction="none",

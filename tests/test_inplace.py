@@ -80,13 +80,16 @@ def test_inplace_matches_oracle(backend, dtype, reduction, grad_scale):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-def test_inplace_bumps_the_version_counter(backend):
+@pytest.mark.parametrize("stacked", [False, True], ids=["halves", "stacked"])
+def test_inplace_bumps_the_version_counter(backend, stacked):
     # exp saves its output for backward; overwriting that output must fail loudly.
     h = torch.randn(6, 300, requires_grad=True, device=DEVICE)
     logits = h.exp()
     version = logits._version
-    loss = fastrdrop.rdrop_loss(logits[:3], logits[3:], labels((3,), 300), backend=backend,
-                                inplace_backward=True)
+    kwargs = dict(backend=backend, inplace_backward=True)
+    target = labels((3,), 300)
+    loss = (fastrdrop.stacked_rdrop_loss(logits, target, **kwargs) if stacked
+            else fastrdrop.rdrop_loss(logits[:3], logits[3:], target, **kwargs))
     assert logits._version > version
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
