@@ -272,22 +272,30 @@ def environment(device):
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"{_cpu_name()}, {torch.get_num_threads()} threads"
+        name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     return dict(device=name, device_type=device.type, torch=torch.__version__,
                 triton=triton_version, fastrdrop=fastrdrop.__version__,
                 backend=fastrdrop.loss.default_backend(device), python=platform.python_version(),
                 commit=commit, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
 
-def _cpu_name():
+def cpu_name(cpuinfo="/proc/cpuinfo"):
+    """The CPU's model name. Where it has no model number (a virtual machine may show just
+    "AMD EPYC"), with the family and model numbers, which tell its generations apart."""
+    fields = {}
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(cpuinfo) as f:
             for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
+                if not line.strip():
+                    break  # the first processor's fields only
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
     except OSError:
         pass
-    return platform.processor() or "CPU"
+    name = fields.get("model name") or platform.processor() or "CPU"
+    if not any(c.isdigit() for c in name) and "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 if __name__ == "__main__":

@@ -73,3 +73,14 @@ def test_a_run_cut_short_says_so():
                                                              planned=3, rows=[row]))
     assert "Cut short" not in report.markdown(dict(environment=env, repeats=3, planned=1,
                                                    rows=[row]))
+
+
+@pytest.mark.parametrize("model_name, expected", [
+    ("AMD EPYC", "AMD EPYC (family 26, model 2)"),  # a virtual machine's bare name
+    ("AMD EPYC 9654 96-Core Processor", "AMD EPYC 9654 96-Core Processor"),
+])
+def test_the_cpu_is_named_by_generation(tmp_path, model_name, expected):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\n"
+                       f"model name\t: {model_name}\n\nprocessor\t: 1\ncpu family\t: 25\n")
+    assert measure.cpu_name(str(cpuinfo)) == expected
