@@ -527,22 +527,28 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
 // block_sums without kSoftcap or kGuard, all lanes at once: the sums of a block, and with kCache
 // its exponentials lane by lane into e1, e2.
 template <typename Fmt, bool kSmoothing, bool kCache>
-BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
-                            float shift2, float* __restrict e1, float* __restrict e2) {
-  using namespace avx512;
-  constexpr int L = Fmt::kLanes;
-  const int64_t words = len / L;
-  const Vec shift1v = set(shift1), shift2v = set(shift2);
-  Vec s1 = set(0), s2 = set(0), t1 = set(0), t2 = set(0), sz1 = set(0), sz2 = set(0);
-  for (int64_t k = 0; k < words; k += 16) {
-    const Mask m = first(words - k);
+struct SumsAvx512 {
+  static constexpr int L = Fmt::kLanes;
+  const Elem<Fmt>* z1;
+  const Elem<Fmt>* z2;
+  int64_t words;
+  avx512::Vec shift1, shift2;
+  float* __restrict e1;
+  float* __restrict e2;
+  avx512::Vec s1 = avx512::set(0), s2 = avx512::set(0), t1 = avx512::set(0),
+              t2 = avx512::set(0), sz1 = avx512::set(0), sz2 = avx512::set(0);
+
+  // Words k, ..., k + 15 (those in mask m). It is called with a constant full mask but for the
+  // last step, so that the others compile to plain loads, stores and sums: 93 instructions a
+  // step of 16 bf16 words against 106 with merge masks, and 8-10% less time for the whole fused
+  // pass on Zen 5. (The gradient loop keeps its masks: without them it took 8% more time.)
+  [[gnu::always_inline]] void step(int64_t k, avx512::Mask m) {
+    using namespace avx512;
     Vec a[L], b[L];
-    prefetch_next_page(z1 + L * k);
-    prefetch_next_page(z2 + L * k);
     Words<Fmt>::load(z1, k, m, a);
     Words<Fmt>::load(z2, k, m, b);
     for (int l = 0; l < L; ++l) {
-      const Vec x1 = _mm512_sub_ps(a[l], shift1v), x2 = _mm512_sub_ps(b[l], shift2v);
+      const Vec x1 = _mm512_sub_ps(a[l], shift1), x2 = _mm512_sub_ps(b[l], shift2);
       const Vec d = _mm512_sub_ps(a[l], b[l]);
       const Vec p = exp<Fmt::kExpDegree>(x1), q = exp<Fmt::kExpDegree>(x2);
       if constexpr (kCache) {
@@ -559,9 +565,26 @@ BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t le
       }
     }
   }
-  BlockSums sums{_mm512_reduce_add_ps(s1),  _mm512_reduce_add_ps(s2),
-                 _mm512_reduce_add_ps(t1),  _mm512_reduce_add_ps(t2),
-                 _mm512_reduce_add_ps(sz1), _mm512_reduce_add_ps(sz2),
+};
+
+template <typename Fmt, bool kSmoothing, bool kCache>
+BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
+                            float shift2, float* __restrict e1, float* __restrict e2) {
+  using namespace avx512;
+  constexpr int L = Fmt::kLanes;
+  const int64_t words = len / L;
+  SumsAvx512<Fmt, kSmoothing, kCache> acc{z1, z2, words, set(shift1), set(shift2), e1, e2};
+  int64_t k = 0;
+  for (; k + 16 <= words; k += 16) {
+    // here, not in step: GCC 12 leaves a prefetch inside it out of the code
+    prefetch_next_page(z1 + L * k);
+    prefetch_next_page(z2 + L * k);
+    acc.step(k, Mask(0xFFFF));
+  }
+  if (k < words) acc.step(k, first(words - k));
+  BlockSums sums{_mm512_reduce_add_ps(acc.s1),  _mm512_reduce_add_ps(acc.s2),
+                 _mm512_reduce_add_ps(acc.t1),  _mm512_reduce_add_ps(acc.t2),
+                 _mm512_reduce_add_ps(acc.sz1), _mm512_reduce_add_ps(acc.sz2),
                  kSmoothing ? static_cast<float>(words * L) : 0.0f, 0.0f};
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
