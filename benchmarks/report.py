@@ -115,7 +115,8 @@ def goals(result):
         if provider == "fastrdrop-stacked-inplace" and judged:
             if not on_gpu:
                 share = r["fraction_of_copy"]
-                check(label, f"in place at {100 * share:.0f}% of a copy's bandwidth",
+                check(label, f"in place at {100 * share:.0f}% of a copy's bandwidth, "
+                      f"{r['gbps']:.1f} against {r['copy_gbps']:.1f} GB/s",
                       round(share, 2), 0.6, True)
             limit = 0.01 * r["input_mib"]  # O(N): a few numbers per row
             check(label, f"in-place peak extra memory {r['peak_extra_mib']:.1f} MiB, limit: 1% "
