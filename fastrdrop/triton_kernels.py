@@ -123,36 +123,47 @@ def _fill_rows(dz1_row_ptr, dz2_row_ptr, V, value, BLOCK: tl.constexpr):
 
 @triton.jit
 def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
-              BLOCK: tl.constexpr):
+              ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One streaming pass over a row: its partial statistics
     (m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone)."""
-    # online max m_k, and over vocab blocks, relative to it: s_k = sum exp(z_k - m_k),
-    # t_k = sum exp(z_k - m_k) D; with smoothing sigma_k = sum (z_k - m_k) and V' (else 0);
-    # lone: 1 if a position is -inf in one pass only (its KL is +inf, whatever exp(z) rounds to;
-    # it adds nothing to t_k, which stays finite)
-    m1 = NEG_INF
-    m2 = NEG_INF
-    s1 = 0.0
-    s2 = 0.0
-    t1 = 0.0
-    t2 = 0.0
-    sigma1 = 0.0
-    sigma2 = 0.0
-    n_present = 0.0
-    lone = 0.0
+    # A block is [VEC, LANES]: LANES lanes, one per thread, of VEC entries each (16 bytes of
+    # logits). Each lane keeps the statistics of its own entries across the loop: the online max
+    # m_k, and relative to it s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D; with smoothing
+    # sigma_k = sum (z_k - m_k) and V' (else 0); lone: 1 if a position is -inf in one pass only
+    # (its KL is +inf, whatever exp(z) rounds to; it adds nothing to t_k, which stays finite).
+    # The loop reduces within a thread only (axis 0), and the lanes are combined once, after it:
+    # a reduction across threads in the loop costs a barrier per statistic per block.
+    VEC: tl.constexpr = 128 // z1_row_ptr.dtype.element_ty.primitive_bitwidth
+    LANES: tl.constexpr = BLOCK // VEC
+    if ALIGNED:  # a lane is one 16-byte vector
+        lane_offs = tl.arange(0, VEC)[:, None] + tl.arange(0, LANES)[None, :] * VEC
+    else:  # a lane is every LANES-th entry: each load is coalesced across the threads
+        lane_offs = tl.arange(0, VEC)[:, None] * LANES + tl.arange(0, LANES)[None, :]
+    m1 = tl.full([LANES], NEG_INF, tl.float32)
+    m2 = tl.full([LANES], NEG_INF, tl.float32)
+    s1 = tl.zeros([LANES], tl.float32)
+    s2 = tl.zeros([LANES], tl.float32)
+    t1 = tl.zeros([LANES], tl.float32)
+    t2 = tl.zeros([LANES], tl.float32)
+    sigma1 = tl.zeros([LANES], tl.float32)
+    sigma2 = tl.zeros([LANES], tl.float32)
+    n_present = tl.zeros([LANES], tl.float32)
+    lone = tl.zeros([LANES], tl.float32)
     for start in range(0, V, BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
+        z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, start + lane_offs, V, softcap,
+                                      SOFTCAP)
         one_pass = (z1 == NEG_INF) != (z2 == NEG_INF)
         lone = tl.maximum(lone, tl.max(one_pass.to(tl.float32), 0))
         d = tl.where(present & ~one_pass, z1 - z2, 0.0)
         m1_new = tl.maximum(m1, tl.max(z1, 0))
         m2_new = tl.maximum(m2, tl.max(z2, 0))
-        # shift by 0 while a row has seen nothing present, so that -inf - -inf never happens
+        # shift by 0 while a lane has seen nothing present, so that -inf - -inf never happens
         shift1 = tl.where(m1_new == NEG_INF, 0.0, m1_new)
         shift2 = tl.where(m2_new == NEG_INF, 0.0, m2_new)
-        e1 = tl.exp(z1 - shift1)
-        e2 = tl.exp(z2 - shift2)
+        x1 = z1 - shift1[None, :]
+        x2 = z2 - shift2[None, :]
+        e1 = tl.exp(x1)
+        e2 = tl.exp(x2)
         rescale1 = tl.exp(m1 - shift1)
         rescale2 = tl.exp(m2 - shift2)
         s1 = s1 * rescale1 + tl.sum(e1, 0)
@@ -164,22 +175,35 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
             # sum (z - shift) is exact enough where sum z is not (|z| ~ 1e4 over 1e5 entries)
             old1 = tl.where(m1 == NEG_INF, 0.0, m1)
             old2 = tl.where(m2 == NEG_INF, 0.0, m2)
-            sigma1 += tl.sum(tl.where(present, z1 - shift1, 0.0), 0) - n_present * (shift1 - old1)
-            sigma2 += tl.sum(tl.where(present, z2 - shift2, 0.0), 0) - n_present * (shift2 - old2)
+            sigma1 += tl.sum(tl.where(present, x1, 0.0), 0) - n_present * (shift1 - old1)
+            sigma2 += tl.sum(tl.where(present, x2, 0.0), 0) - n_present * (shift2 - old2)
             n_present += tl.sum(present.to(tl.float32), 0)
         m1 = m1_new
         m2 = m2_new
-    return m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone
+    # the lanes, each moved to the row's max
+    row_m1 = tl.max(m1, 0)
+    row_m2 = tl.max(m2, 0)
+    lane_shift1 = tl.where(m1 == NEG_INF, 0.0, m1)
+    lane_shift2 = tl.where(m2 == NEG_INF, 0.0, m2)
+    shift1 = tl.where(row_m1 == NEG_INF, 0.0, row_m1)
+    shift2 = tl.where(row_m2 == NEG_INF, 0.0, row_m2)
+    rescale1 = tl.exp(m1 - shift1)
+    rescale2 = tl.exp(m2 - shift2)
+    sigma1 = tl.sum(sigma1 + n_present * (lane_shift1 - shift1), 0)
+    sigma2 = tl.sum(sigma2 + n_present * (lane_shift2 - shift2), 0)
+    return (row_m1, row_m2, tl.sum(s1 * rescale1, 0), tl.sum(s2 * rescale2, 0),
+            tl.sum(t1 * rescale1, 0), tl.sum(t2 * rescale2, 0), sigma1, sigma2,
+            tl.sum(n_present, 0), tl.max(lone, 0))
 
 
 @triton.jit
 def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
-               SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
+               SOFTCAP: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One streaming pass over a row: (CE_1, CE_2, symKL) and the stats
     (m1, m2, log s1, log s2, E_p[D], E_q[D], V', row_ok)."""
     # 1. the partial statistics of the whole row
     m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone = _row_sums(
-        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
+        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, ALIGNED, BLOCK)
 
     # 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, and 0 for a
     #    row with nothing present (both s_k are 0 only then)
@@ -296,7 +320,7 @@ def _rdrop_fwd_kernel(
         return
 
     ce1, ce2, kl, m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok = _row_stats(
-        z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap, SOFTCAP, BLOCK)
+        z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap, SOFTCAP, ALIGNED, BLOCK)
     tl.store(parts_ptr + row, ce1)
     tl.store(parts_ptr + n_rows + row, ce2)
     tl.store(parts_ptr + 2 * n_rows + row, kl)
@@ -382,7 +406,7 @@ def _rdrop_partials_kernel(
     z1_row_ptr = _row(z1_ptr, row, z1_row_stride, ALIGNED)
     z2_row_ptr = _row(z2_ptr, row, z2_row_stride, ALIGNED)
     m1, m2, s1, s2, t1, t2, sigma1, sigma2, n_present, lone = _row_sums(
-        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, BLOCK)
+        z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP, ALIGNED, BLOCK)
     tl.store(partials_ptr + row, m1)
     tl.store(partials_ptr + n_rows + row, m2)
     tl.store(partials_ptr + 2 * n_rows + row, s1)
