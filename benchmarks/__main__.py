@@ -83,8 +83,7 @@ def case_groups(args, device):
     for grid in grids:
         for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
             for provider in args.providers:
-                # without grad the in-place provider is the plain one: fwd+bwd only
-                modes = [m for m in args.modes if m != "fwd" or not PROVIDERS[provider].inplace]
+                modes = [m for m in args.modes if m != "fwd" or not PROVIDERS[provider].grad_only]
                 for h in args.hidden if PROVIDERS[provider].inputs == "linear" else [0]:
                     if modes:
                         yield [Case(n, v, dtype, provider, mode, h) for mode in modes]

@@ -25,6 +25,7 @@ class Provider:
     make: Callable[[], Callable]  # builds the loss function (compiles, imports) once
     inputs: str = "stacked"  # "stacked" | "pair" | "linear", see above
     inplace: bool = False  # overwrites the logits: the timer hands it fresh copies
+    grad_only: bool = False  # without grad it is another provider's call: fwd is not timed
     full_gradient: bool = True  # False: known to drop part of the gradient (said in the README)
     unavailable: Callable[[torch.device], Optional[str]] = lambda device: None
 
@@ -67,10 +68,13 @@ def _linear():
 def _liger():
     """Best Liger-Kernel composition: two fused cross entropies and two KL divergences on
     log-softmax inputs. The loss is R-Drop's, but Liger's KL sends no gradient to its target,
-    so each direction misses the gradient of one side: half the KL gradient is absent."""
+    so each direction misses the gradient of one side: half the KL gradient is absent. Liger's
+    cross entropy returns its reduced loss in the logits' dtype (a bf16 loss between 16 and 32 is
+    a multiple of 1/8), so it returns the tokens' losses and they are averaged in fp32; and it
+    writes its gradient into the logits (an in-place provider)."""
     from liger_kernel.transformers import LigerCrossEntropyLoss, LigerKLDIVLoss
 
-    cross_entropy = LigerCrossEntropyLoss()
+    cross_entropy = LigerCrossEntropyLoss(reduction="none")
     kl_div = LigerKLDIVLoss(reduction="sum", log_target=True)
 
     def loss(logits1, logits2, target):
@@ -78,7 +82,9 @@ def _liger():
         logp2 = F.log_softmax(logits2.float(), dim=-1)
         n_tokens = logits1.shape[0]  # the benchmark ignores no token
         sym_kl = 0.5 * (kl_div(logp2, logp1) + kl_div(logp1, logp2)) / n_tokens
-        return cross_entropy(logits1, target) + cross_entropy(logits2, target) + ALPHA * sym_kl
+        ce = (cross_entropy(logits1, target).float().mean()
+              + cross_entropy(logits2, target).float().mean())
+        return ce + ALPHA * sym_kl
 
     return _on_halves(loss)
 
@@ -104,13 +110,14 @@ PROVIDERS = {
     for p in [
         Provider("eager", lambda: _on_halves(_eager())),
         Provider("compile", _compiled),
-        Provider("liger", _liger, unavailable=_liger_unavailable, full_gradient=False),
+        Provider("liger", _liger, inplace=True, unavailable=_liger_unavailable,
+                 full_gradient=False),
         Provider("fastrdrop", lambda: _on_halves(_fastrdrop()),
                  unavailable=_fastrdrop_unavailable),
         Provider("fastrdrop-stacked", functools.partial(_stacked, False),
                  unavailable=_fastrdrop_unavailable),
         Provider("fastrdrop-stacked-inplace", functools.partial(_stacked, True), inplace=True,
-                 unavailable=_fastrdrop_unavailable),
+                 grad_only=True, unavailable=_fastrdrop_unavailable),
         Provider("fastrdrop-pair", _fastrdrop, inputs="pair",
                  unavailable=_fastrdrop_unavailable),
         Provider("matmul+eager", lambda: _matmul_then(_eager()), inputs="linear"),
