@@ -264,9 +264,12 @@ def environment(device):
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own
+    commit = os.environ.get("FASTRDROP_COMMIT")
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, check=True).stdout.strip()
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
+                                          capture_output=True, text=True,
+                                          check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     if device.type == "cuda":
