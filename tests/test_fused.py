@@ -237,6 +237,27 @@ def test_logits_rising_far_along_the_row(backend, dtype):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_absent_spans_and_a_lone_maximum(backend, dtype, label_smoothing):
+    # The kernels keep statistics per lane (a thread's entries) and combine the lanes after the
+    # row: lanes that never see a present entry (a span of -inf), lanes that see few (one entry
+    # in 37 present), a row with only its last 100 entries, and a row's maximum far above
+    # everything else, so that one lane holds it.
+    z1, z2 = logits_pair((4, 5000), torch.float64)
+    position = torch.arange(5000, device=DEVICE)
+    absent = ((position >= 1000) & (position < 3000)) | (
+        (position >= 3000) & (position < 4500) & (position % 37 != 0))
+    absent = absent.expand(4, -1).clone()
+    absent[1, :4900] = True
+    z1[absent] = z2[absent] = float("-inf")
+    z1[2, 4321] += 60.0
+    z2[3, 17] += 60.0
+    check_case(backend, None, dtype, logits=(z1.to(dtype), z2.to(dtype)),
+               label_smoothing=label_smoothing)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_strided_target(backend):
     # labels taken from a larger tensor with a stride, as for interleaved rows
     z1, z2 = logits_pair((4, 300), torch.float32)
