@@ -45,39 +45,46 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Launch configuration: (V range, dtype) -> BLOCK, threads per program and, on NVIDIA, registers per
-# thread. The row loops are memory bound: each iteration loads a block of both rows, reduces it
-# across the program and moves on. So every thread loads one 16-byte vector per row per iteration
-# (BLOCK = threads x 16 B / element), the registers must leave room for several programs per SM
-# (one program's reductions then hide behind another's loads), and those programs must keep
-# enough bytes in flight to cover the memory latency: about 3 TB/s x 0.7 us / 132 SMs = 16 KiB per
-# SM on an H100, 24 on an H200, ~36 on a B200. The register bound (ptxas's maxnreg; softcap's tanh
-# gets 16 more) is what fits that many programs: left to itself ptxas took 48 to 108 registers and
-# spilled a value per program in a few binaries; with these bounds none spills (Triton 3.6 and
-# 3.9). Rows that are not aligned (scalar loads, a mask per element: V = 50257, or a row offset
-# that is not a multiple of 16 bytes) have bounds of their own: at 48 the fp32 forward spilled 8
-# bytes on sm_100 (at 56 it takes 54), and at 88 so did the 16-bit forward (at 80, none).
-# Figures from `python -m benchmarks.codegen` (Triton 3.9, sm_90, without softcap):
-# benchmarks/results/codegen/codegen.md.
+# thread. The row loops are memory bound. Every thread loads one 16-byte vector per row per
+# iteration (BLOCK = threads x 16 B / element); the statistics loop keeps each thread's sums in its
+# own registers and reduces across the program once per row, and the gradient loop reduces
+# nothing. A program has one iteration's loads in flight, so the programs on an SM must together
+# cover the memory latency: about 3 TB/s x 0.7 us / 132 SMs = 16 KiB per SM on an H100, 24 on an
+# H200, ~36 on a B200. The register bound (ptxas's maxnreg; softcap's tanh gets 16 more) is what
+# fits that many programs; with these bounds no binary spills (Triton 3.6 and 3.9). Rows that are
+# not aligned (scalar loads, a mask per element: V = 50257, or a row offset that is not a
+# multiple of 16 bytes) have bounds of their own: at 56 the fp32 forward spilled 8 bytes on
+# sm_100, and at 88 so did the 16-bit forward (at 80, none). Registers from `python -m
+# benchmarks.codegen` (Triton 3.9, sm_90, without softcap): benchmarks/results/codegen/codegen.md.
 #
-#   V > 1024, 16-bit: 2048 x 256, 80 / 64 registers (forward, which includes the in-place pass,
-#     / backward): 3 and 4 programs per SM, 24 and 32 KiB in flight. Two vectors per thread
-#     (4096 x 256) took 104-113 registers: 2 programs, 32 KiB, half the reductions per byte.
+#   V > 1024, 16-bit: 1024 x 128, 80 / 64 registers (forward, which includes the in-place pass,
+#     / backward; it takes 75 / 52): 6 and 9 programs per SM, 24 and 36 KiB in flight.
 #   V > 1024, fp32: 1024 x 256, 48 registers: 5 programs per SM, 40 KiB in flight.
 #   V <= 1024: 64 threads (two warps; one AMD wave), 128 registers. A row is one or a few
 #     iterations, bound by the latency of its reductions, so many small programs beat few large
 #     ones: 10-21 per SM.
 #
+# Timed on an H200 (Triton 3.6; stacked_rdrop_loss, bf16 N=8192, median ms of fwd / fwd+bwd, the
+# forward writing the gradients), 16-bit rows:
+#
+#   BLOCK x threads, registers   programs/SM   V=32000        V=128256
+#   1024 x 128, 80               6             0.565 / 1.141  2.053 / 4.273
+#   2048 x 256, 80               3             0.600 / 1.192  2.089 / 4.337
+#   2048 x 256, 88               2             0.711 / 1.385  2.441 / 5.100
+#   4096 x 256, 128              2             0.767 / 1.389  2.713 / 5.136
+#
+# fp32 (N=4096, V=128256): 1024 x 256 at 48 registers 1.05 / 3.16 ms, at 64 1.14 / 3.21.
 # Threads, not warps: an AMD wave has 64 lanes, so it gets the same work per thread. Liger-Kernel's
 # cross entropy streams blocks of 32768 with 32 warps (32 elements per thread, 16 warps on AMD);
 # quack keeps 128-bit vectors and 128 (V <= 16k) or 256 threads, but holds the whole row on chip,
-# across a cluster of up to 16 SMs for long rows. Timing the candidates on a GPU is owed (README).
+# across a cluster of up to 16 SMs for long rows.
 LAUNCH_TABLE = {
     # max V, bytes per element: BLOCK, threads, NVIDIA registers (forward, backward) for aligned
     # rows, and for rows that are not
     (1024, 4): (256, 64, (128, 128), (128, 128)),
     (1024, 2): (512, 64, (128, 128), (128, 128)),
-    (None, 4): (1024, 256, (48, 48), (56, 48)),
-    (None, 2): (2048, 256, (80, 64), (80, 64)),
+    (None, 4): (1024, 256, (48, 48), (64, 48)),
+    (None, 2): (1024, 128, (80, 64), (80, 64)),
 }
 
 
