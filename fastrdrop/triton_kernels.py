@@ -122,6 +122,13 @@ def _fill_rows(dz1_row_ptr, dz2_row_ptr, V, value, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _shift(m):
+    """A running max as the shift of exp(z - shift): 0 while nothing present has been seen, so
+    that -inf - -inf never happens."""
+    return tl.where(m == NEG_INF, 0.0, m)
+
+
+@triton.jit
 def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
               ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     """One streaming pass over a row: its partial statistics
@@ -157,19 +164,16 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
         d = tl.where(present & ~one_pass, z1 - z2, 0.0)
         m1_new = tl.maximum(m1, tl.max(z1, 0))
         m2_new = tl.maximum(m2, tl.max(z2, 0))
-        # shift by 0 while a lane has seen nothing present, so that -inf - -inf never happens
-        shift1 = tl.where(m1_new == NEG_INF, 0.0, m1_new)
-        shift2 = tl.where(m2_new == NEG_INF, 0.0, m2_new)
+        shift1 = _shift(m1_new)
+        shift2 = _shift(m2_new)
         x1 = z1 - shift1[None, :]
         x2 = z2 - shift2[None, :]
         # label smoothing (0 without target): a uniform branch, before the exponentials (after
         # them it kept x_k and the masks live across them: 14 more registers, spills on sm_100)
         if eps > 0:
             # sum (z - shift) is exact enough where sum z is not (|z| ~ 1e4 over 1e5 entries)
-            old1 = tl.where(m1 == NEG_INF, 0.0, m1)
-            old2 = tl.where(m2 == NEG_INF, 0.0, m2)
-            sigma1 += tl.sum(tl.where(present, x1, 0.0), 0) - n_present * (shift1 - old1)
-            sigma2 += tl.sum(tl.where(present, x2, 0.0), 0) - n_present * (shift2 - old2)
+            sigma1 += tl.sum(tl.where(present, x1, 0.0), 0) - n_present * (shift1 - _shift(m1))
+            sigma2 += tl.sum(tl.where(present, x2, 0.0), 0) - n_present * (shift2 - _shift(m2))
             n_present += tl.sum(present.to(tl.float32), 0)
         e1 = tl.exp(x1)
         e2 = tl.exp(x2)
@@ -185,14 +189,12 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     # the lanes, each moved to the row's max
     row_m1 = tl.max(m1, 0)
     row_m2 = tl.max(m2, 0)
-    lane_shift1 = tl.where(m1 == NEG_INF, 0.0, m1)
-    lane_shift2 = tl.where(m2 == NEG_INF, 0.0, m2)
-    shift1 = tl.where(row_m1 == NEG_INF, 0.0, row_m1)
-    shift2 = tl.where(row_m2 == NEG_INF, 0.0, row_m2)
+    shift1 = _shift(row_m1)
+    shift2 = _shift(row_m2)
     rescale1 = tl.exp(m1 - shift1)
     rescale2 = tl.exp(m2 - shift2)
-    sigma1 = tl.sum(sigma1 + n_present * (lane_shift1 - shift1), 0)
-    sigma2 = tl.sum(sigma2 + n_present * (lane_shift2 - shift2), 0)
+    sigma1 = tl.sum(sigma1 + n_present * (_shift(m1) - shift1), 0)
+    sigma2 = tl.sum(sigma2 + n_present * (_shift(m2) - shift2), 0)
     return (row_m1, row_m2, tl.sum(s1 * rescale1, 0), tl.sum(s2 * rescale2, 0),
             tl.sum(t1 * rescale1, 0), tl.sum(t2 * rescale2, 0), sigma1, sigma2,
             tl.sum(n_present, 0), tl.max(lone, 0))
