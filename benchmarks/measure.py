@@ -102,10 +102,11 @@ def _peak_rss():
 
 def _release_freed_memory():
     """From now on glibc serves every allocation of 64 KiB or more with its own pages and returns
-    them on free, and what it holds freed goes back now: a new tensor is then new resident
-    memory, never memory an earlier call freed."""
+    them on free, and what it and fastrdrop's buffers hold freed goes back now: a new tensor is
+    then new resident memory, never memory an earlier call freed."""
     import ctypes
 
+    fastrdrop.buffers.release()
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD
     libc.malloc_trim(0)

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import _native, distributed
+from . import _native, buffers, distributed
 from ._common import check_target_values, labels_checked, token_loss
 
 try:
@@ -419,7 +419,7 @@ N_STATS = 8
 
 
 def _empty_like_rows(logits: Tensor) -> Tensor:
-    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    return buffers.empty_like(logits)  # on CPU, large ones reuse memory (buffers.py)
 
 
 def _empty_rows(logits: Tensor) -> tuple[Tensor, Tensor]:
