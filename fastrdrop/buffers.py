@@ -22,6 +22,7 @@ from torch import Tensor
 
 MIN_BYTES = 1 << 20  # glibc reused smaller ones (above)
 KEPT = 2  # blocks kept when nothing holds them
+HUGE_PAGE = 2 << 20
 # Blocks that no tensor holds. deque.append and popleft are atomic, and a block is given back
 # from whichever thread frees its last tensor, so no lock (a finalizer that waited for one, run
 # by a collection inside `_take`, would wait forever).
@@ -38,7 +39,7 @@ def empty_like(like: Tensor) -> Tensor:
             or not hasattr(mmap, "MAP_PRIVATE") or torch.compiler.is_compiling()):
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     block = _take(nbytes)
-    view = (ctypes.c_char * nbytes).from_buffer(block)
+    view = (ctypes.c_char * len(block)).from_buffer(block)
     # Runs once the last tensor on `view` is freed: torch.frombuffer holds `view` until then.
     weakref.finalize(view, _give_back, block).atexit = False
     return torch.frombuffer(view, dtype=like.dtype, count=like.numel()).view(like.shape)
@@ -50,16 +51,18 @@ def release() -> None:
 
 
 def _take(nbytes: int) -> mmap.mmap:
-    """A free block of nbytes to 2 nbytes, else a new one; free blocks of other sizes are
+    """A free block of nbytes in whole huge pages, up to twice that, else a new one (whole huge
+    pages: ctypes keeps each array type it makes, one a size); free blocks of other sizes are
     dropped (the sizes in use have changed)."""
+    size = -(-nbytes // HUGE_PAGE) * HUGE_PAGE
     for _ in range(len(_free)):
         try:
             block = _free.popleft()
         except IndexError:  # another thread took it
             break
-        if nbytes <= len(block) <= 2 * nbytes:
+        if size <= len(block) <= 2 * size:
             return block
-    return mmap.mmap(-1, nbytes, flags=_PRIVATE)
+    return mmap.mmap(-1, size, flags=_PRIVATE)
 
 
 def _give_back(block: mmap.mmap) -> None:
