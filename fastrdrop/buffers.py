@@ -27,7 +27,7 @@ HUGE_PAGE = 2 << 20
 # from whichever thread frees its last tensor, so no lock (a finalizer that waited for one, run
 # by a collection inside `_take`, would wait forever).
 _free: collections.deque = collections.deque()
-_PRIVATE = getattr(mmap, "MAP_PRIVATE", 0) | getattr(mmap, "MAP_ANONYMOUS", 0)
+_PRIVATE = getattr(mmap, "MAP_PRIVATE", None)  # None on Windows: torch.empty there
 
 
 def empty_like(like: Tensor) -> Tensor:
@@ -36,7 +36,7 @@ def empty_like(like: Tensor) -> Tensor:
     tracing) come from torch.empty."""
     nbytes = like.numel() * like.element_size()
     if (like.device.type != "cpu" or type(like) is not Tensor or nbytes < MIN_BYTES
-            or not hasattr(mmap, "MAP_PRIVATE") or torch.compiler.is_compiling()):
+            or _PRIVATE is None or torch.compiler.is_compiling()):
         return torch.empty(like.shape, dtype=like.dtype, device=like.device)
     block = _take(nbytes)
     view = (ctypes.c_char * len(block)).from_buffer(block)
@@ -62,7 +62,7 @@ def _take(nbytes: int) -> mmap.mmap:
             break
         if size <= len(block) <= 2 * size:
             return block
-    return mmap.mmap(-1, size, flags=_PRIVATE)
+    return mmap.mmap(-1, size, flags=_PRIVATE)  # anonymous: fileno -1
 
 
 def _give_back(block: mmap.mmap) -> None:

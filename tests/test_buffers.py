@@ -30,6 +30,15 @@ def reused(monkeypatch):
     buffers.release()
 
 
+@pytest.fixture
+def taken(monkeypatch):
+    """The sizes asked of buffers._take, in order."""
+    sizes = []
+    take = buffers._take
+    monkeypatch.setattr(buffers, "_take", lambda nbytes: sizes.append(nbytes) or take(nbytes))
+    return sizes
+
+
 def gradients(backend, logits, target, api, upstream=1.0, **kwargs):
     """The gradients that the loss's backward pass hands to autograd: of the stacked tensor, or
     of each half."""
@@ -112,10 +121,7 @@ def test_what_is_kept_is_bounded(reused, backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-def test_one_buffer_stacked_two_on_halves(reused, monkeypatch, backend):
-    taken = []
-    take = buffers._take
-    monkeypatch.setattr(buffers, "_take", lambda nbytes: taken.append(nbytes) or take(nbytes))
+def test_one_buffer_stacked_two_on_halves(reused, taken, backend):
     logits, target = stacked_case(torch.bfloat16)
     gradient = logits.numel() * logits.element_size()
     gradients(backend, logits, target, "stacked")
@@ -127,12 +133,9 @@ def test_one_buffer_stacked_two_on_halves(reused, monkeypatch, backend):
 
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the backward allocates
-def test_compiled_graphs_take_reused_buffers(reused, monkeypatch, backend, dtype):
+def test_compiled_graphs_take_reused_buffers(reused, taken, backend, dtype):
     torch._dynamo.reset()
     logits, target = stacked_case(dtype)
-    taken = []
-    take = buffers._take
-    monkeypatch.setattr(buffers, "_take", lambda nbytes: taken.append(nbytes) or take(nbytes))
 
     def step(z):
         return fastrdrop.stacked_rdrop_loss(z * 1, target, backend=backend, label_smoothing=0.1)
