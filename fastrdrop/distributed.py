@@ -128,7 +128,8 @@ def _finish(maxima, sums, lone, target, ignore_index, eps):
     log_s = torch.log(s)
     expected = t / s  # E_p[D], E_q[D]
     kl = torch.where((s == 0).all(0), 0.0, 0.5 * (expected[0] - expected[1]))
-    kl = torch.where(lone & ~kl.isnan(), float("inf"), kl)
+    # -inf in one pass only: +inf, unless the row is NaN (NaN sums) or a pass has no finite entry
+    kl = torch.where(lone & (s > 0).all(0), float("inf"), kl)
     ce = torch.zeros_like(s)
     if target is not None:
         # a = z[y] - m, -inf for a label of probability 0, whose cross entropy is inf

@@ -46,8 +46,11 @@ kernel, and tests/test_codegen.py compiles every one of them for each GPU target
 
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
 
 NEG_INF = tl.constexpr(float("-inf"))
+FLOAT_MAX = tl.constexpr(3.4028234663852886e38)
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 def _jit(fn):
@@ -78,9 +81,25 @@ def _row_length(V, ptr, ALIGNED: tl.constexpr):
 
 
 @triton.jit
+def _exp2(x):
+    """2^x; on NVIDIA one ex2.approx.ftz: libdevice's exp2f, with Triton's default of flushing
+    subnormals to zero in libdevice. tl.exp's ex2.approx without ftz is four more instructions
+    per entry, which make subnormal results (p < 2^-126, which add nothing to a sum that holds
+    exp(0) = 1); the native kernel flushes them too."""
+    if INTERPRETED:
+        return tl.exp2(x)
+    return libdevice.exp2(x)
+
+
+@triton.jit
+def _exp(x):
+    return _exp2(x * LOG2E)
+
+
+@triton.jit
 def _softcap(x, softcap):
     # c * tanh(x / c), with tanh written through exp so that it also runs under the interpreter
-    e = tl.exp(-2.0 * tl.abs(x / softcap))
+    e = _exp(-2.0 * tl.abs(x / softcap))
     t = (1.0 - e) / (1.0 + e)
     return softcap * tl.where(x < 0, -t, t)
 
@@ -137,9 +156,13 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     # logits). Each lane keeps the statistics of its own entries across the loop: the online max
     # m_k, and relative to it s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D; with smoothing
     # sigma_k = sum (z_k - m_k) and V' (else 0); lone: 1 if a position is -inf in one pass only
-    # (its KL is +inf, whatever exp(z) rounds to; it adds nothing to t_k, which stays finite).
+    # (its KL is +inf, whatever exp(z) rounds to). In a row with a lone -inf, t_k may be inf or
+    # NaN: _row_stats and fastrdrop.distributed set that row's KL from lone and s_k alone.
     # The loop reduces within a thread only (axis 0), and the lanes are combined once, after it:
-    # a reduction across threads in the loop costs a barrier per statistic per block.
+    # a reduction across threads in the loop costs a barrier per statistic per block. Every
+    # instruction counts: on an H200 the 16-bit loop read at half a copy's bandwidth where the
+    # fp32 one, with half the entries per byte, read at a copy's. So -inf takes no mask and no
+    # comparison here, only the maximum and minimum below.
     VEC: tl.constexpr = 128 // z1_row_ptr.dtype.element_ty.primitive_bitwidth
     LANES: tl.constexpr = BLOCK // VEC
     if ALIGNED:  # a lane is one 16-byte vector
@@ -159,9 +182,16 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     for start in range(0, V, BLOCK):
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, start + lane_offs, V, softcap,
                                       SOFTCAP)
-        one_pass = (z1 == NEG_INF) != (z2 == NEG_INF)
-        lone = tl.maximum(lone, tl.max(one_pass.to(tl.float32), 0))
-        d = tl.where(present & ~one_pass, z1 - z2, 0.0)
+        # h = D / 2 (t_k sums exp(z_k - m_k) h here, twice that is returned): exact, and finite
+        # for finite logits (D overflows past 1.7e38). |h| = inf where one logit is infinite and
+        # the other is not that infinity: a lone -inf, or +inf (the row's sums are NaN then).
+        # Where both are -inf (absent) h is NaN, which maximum and minimum skip (maxnum and
+        # minnum: a NaN operand gives the other one; numpy's fmax, fmin in the interpreter).
+        h = 0.5 * z1 - 0.5 * z2
+        lone = tl.maximum(lone, tl.max(tl.abs(h), 0))
+        # NaN and +inf -> the largest float, so that h times exp(z) = 0 is 0. -inf is left only
+        # in a row with a lone -inf, whose KL is +inf whatever t_k holds.
+        h = tl.minimum(h, FLOAT_MAX)
         m1_new = tl.maximum(m1, tl.max(z1, 0))
         m2_new = tl.maximum(m2, tl.max(z2, 0))
         shift1 = _shift(m1_new)
@@ -175,15 +205,14 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
             sigma1 += tl.sum(tl.where(present, x1, 0.0), 0) - n_present * (shift1 - _shift(m1))
             sigma2 += tl.sum(tl.where(present, x2, 0.0), 0) - n_present * (shift2 - _shift(m2))
             n_present += tl.sum(present.to(tl.float32), 0)
-        e1 = tl.exp(x1)
-        e2 = tl.exp(x2)
-        rescale1 = tl.exp(m1 - shift1)
-        rescale2 = tl.exp(m2 - shift2)
+        e1 = _exp(x1)
+        e2 = _exp(x2)
+        rescale1 = _exp(m1 - shift1)
+        rescale2 = _exp(m2 - shift2)
         s1 = s1 * rescale1 + tl.sum(e1, 0)
         s2 = s2 * rescale2 + tl.sum(e2, 0)
-        # 0 * inf := 0: a zero probability adds nothing even where D is infinite
-        t1 = t1 * rescale1 + tl.sum(tl.where(e1 > 0, e1 * d, 0.0), 0)
-        t2 = t2 * rescale2 + tl.sum(tl.where(e2 > 0, e2 * d, 0.0), 0)
+        t1 = t1 * rescale1 + tl.sum(e1 * h, 0)
+        t2 = t2 * rescale2 + tl.sum(e2 * h, 0)
         m1 = m1_new
         m2 = m2_new
     # the lanes, each moved to the row's max
@@ -191,13 +220,13 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     row_m2 = tl.max(m2, 0)
     shift1 = _shift(row_m1)
     shift2 = _shift(row_m2)
-    rescale1 = tl.exp(m1 - shift1)
-    rescale2 = tl.exp(m2 - shift2)
+    rescale1 = _exp(m1 - shift1)
+    rescale2 = _exp(m2 - shift2)
     sigma1 = tl.sum(sigma1 + n_present * (_shift(m1) - shift1), 0)
     sigma2 = tl.sum(sigma2 + n_present * (_shift(m2) - shift2), 0)
     return (row_m1, row_m2, tl.sum(s1 * rescale1, 0), tl.sum(s2 * rescale2, 0),
-            tl.sum(t1 * rescale1, 0), tl.sum(t2 * rescale2, 0), sigma1, sigma2,
-            tl.sum(n_present, 0), tl.max(lone, 0))
+            2.0 * tl.sum(t1 * rescale1, 0), 2.0 * tl.sum(t2 * rescale2, 0), sigma1, sigma2,
+            tl.sum(n_present, 0), (tl.max(lone, 0) == float("inf")).to(tl.float32))
 
 
 @triton.jit
@@ -216,8 +245,8 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
     ep = t1 / s1
     eq = t2 / s2
     kl = tl.where((s1 == 0) & (s2 == 0), 0.0, 0.5 * (ep - eq))
-    # -inf in one pass only: +inf (unless the row is NaN already, or a pass has no finite entry)
-    kl = tl.where((lone > 0) & (kl == kl), float("inf"), kl)
+    # -inf in one pass only: +inf, unless the row is NaN (NaN sums) or a pass has no finite entry
+    kl = tl.where((lone > 0) & (s1 > 0) & (s2 > 0), float("inf"), kl)
 
     # 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V'); every part NaN for a
     #    label outside [0, V), which is not read
@@ -251,39 +280,66 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
 
 
 @triton.jit
+def _pair_grads(z1, z2, m1, m2, log2_s1, log2_s2, ep, eq, c_ce1, c_ce2, c_kl, target, softcap,
+                SOFTCAP: tl.constexpr):
+    """dz1, dz2 at entries z1, z2 whose CE target ((1 - eps) e_y + eps / V') is ``target``;
+    ep, eq are E_p[h], E_q[h] of h = D / 2, and log2_s = log s * log2 e."""
+    # p = exp(z1 - m1 - log s1) = 2^((z1 - m1) log2 e - log2 s1): one FMA for the exponent
+    p = _exp2((z1 - m1) * LOG2E - log2_s1)
+    q = _exp2((z2 - m2) * LOG2E - log2_s2)
+    # h = D / 2 is finite for finite logits, where D may overflow: p (h - E_p[h]) is 0 where p is
+    # 0. dz1 = c_kl (p (h - E_p[h]) + (p - q) / 2) + c_ce1 (p - target),
+    #    dz2 = -c_kl (q (h - E_q[h]) + (p - q) / 2) + c_ce2 (q - target),
+    # in FMAs: c_ce p + (... + (c_kl / 2 (p - q) - c_ce target))
+    h = 0.5 * z1 - 0.5 * z2
+    half_kl = 0.5 * c_kl
+    p_q = p - q
+    dz1 = c_ce1 * p + (c_kl * (p * (h - ep)) + (half_kl * p_q - c_ce1 * target))
+    dz2 = c_ce2 * q + (-c_kl * (q * (h - eq)) - (half_kl * p_q + c_ce2 * target))
+    if SOFTCAP:
+        # d/dx c tanh(x / c) = 1 - (z / c)^2
+        dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
+        dz2 *= 1.0 - (z2 / softcap) * (z2 / softcap)
+    return dz1, dz2
+
+
+@triton.jit
 def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, V,
                m1, m2, log_s1, log_s2, ep, eq, n_present, row_ok, c_ce1, c_ce2, c_kl, eps,
                softcap, SOFTCAP: tl.constexpr, BLOCK: tl.constexpr):
-    """Second pass over a row: p and q from the stats, then dz1, dz2 (which may alias z1, z2);
-    NaN rows where the loss is not finite. Without target the CE part vanishes (c_ce = 0): no
+    """Second pass over a row: dz1, dz2 (which may alias z1, z2) from the stats; NaN rows where
+    the loss is not finite. The loop writes every entry as if it were not the label's; the
+    label's entry is written again after it. Without target the CE part vanishes (c_ce = 0): no
     branch, no other binary."""
-    c_ce1 = tl.where(has_target, c_ce1, 0.0)
-    c_ce2 = tl.where(has_target, c_ce2, 0.0)
-    smoothing = tl.where(eps > 0, eps / n_present, 0.0)
-    # added to every entry: 0, or NaN where the loss is not finite (a value, not a branch, which
-    # would take registers of its own)
+    # NaN where the loss is not finite, in every coefficient and for every absent entry: whole
+    # rows of NaN (values, not a branch, which would take registers of its own)
     poison = tl.where(row_ok != 0, 0.0, float("nan"))
+    c_ce1 = tl.where(has_target, c_ce1, 0.0) + poison
+    c_ce2 = tl.where(has_target, c_ce2, 0.0) + poison
+    c_kl = c_kl + poison
+    smoothing = tl.where(eps > 0, eps / n_present, 0.0)
+    log2_s1 = log_s1 * LOG2E
+    log2_s2 = log_s2 * LOG2E
+    ep = 0.5 * ep  # E_p[D] -> E_p[h]
+    eq = 0.5 * eq
+    # the label's entries, read before the loop may overwrite them (in place); a label outside
+    # [0, V) has no term here (with a vocabulary split across ranks it is another rank's)
+    on_row = has_target & (y >= 0) & (y < V)
+    y = tl.where(on_row, y, 0)
+    zy1, zy2, y_present = _load_block(z1_row_ptr, z2_row_ptr, y, V, softcap, SOFTCAP)
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)
-        p = tl.exp(z1 - m1 - log_s1)
-        q = tl.exp(z2 - m2 - log_s2)
-        d = z1 - z2
-        # KL part: dz1 = c_kl/2 (p (D - E_p[D]) + p - q), dz2 = -c_kl/2 (q (D - E_q[D]) + p - q)
-        p_d = tl.where(p > 0, p * (d - ep), 0.0)
-        q_d = tl.where(q > 0, q * (d - eq), 0.0)
-        dz1 = 0.5 * c_kl * (p_d + p - q)
-        dz2 = -0.5 * c_kl * (q_d + p - q)
-        # CE part: c_ce (p - (1 - eps) e_y - eps / V'), the true-class term in fp32
-        on_label = tl.where(offs == y, 1.0 - eps, 0.0) + smoothing
-        dz1 += c_ce1 * (p - on_label)
-        dz2 += c_ce2 * (q - on_label)
-        if SOFTCAP:
-            # d/dx c tanh(x / c) = 1 - (z / c)^2
-            dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
-            dz2 *= 1.0 - (z2 / softcap) * (z2 / softcap)
-        _store_grad(dz1_row_ptr + offs, tl.where(present, dz1, 0.0) + poison, offs < V)
-        _store_grad(dz2_row_ptr + offs, tl.where(present, dz2, 0.0) + poison, offs < V)
+        dz1, dz2 = _pair_grads(z1, z2, m1, m2, log2_s1, log2_s2, ep, eq, c_ce1, c_ce2, c_kl,
+                               smoothing, softcap, SOFTCAP)
+        _store_grad(dz1_row_ptr + offs, tl.where(present, dz1, poison), offs < V)
+        _store_grad(dz2_row_ptr + offs, tl.where(present, dz2, poison), offs < V)
+    if on_row:
+        dz1, dz2 = _pair_grads(zy1, zy2, m1, m2, log2_s1, log2_s2, ep, eq, c_ce1, c_ce2, c_kl,
+                               1.0 - eps + smoothing, softcap, SOFTCAP)
+        tl.debug_barrier()  # after every thread's stores of the loop
+        _store_grad(dz1_row_ptr + y, tl.where(y_present, dz1, poison), True)
+        _store_grad(dz2_row_ptr + y, tl.where(y_present, dz2, poison), True)
 
 
 @_jit

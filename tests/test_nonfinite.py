@@ -148,6 +148,23 @@ def test_large_logits_keep_fp32_accuracy(backend, offset, label_smoothing):
     assert_fp32_oracle_rule(backend, z1, z2, keywords, f"C={offset:g} ")
 
 
+# Finite logits whose differences D = z1 - z2, or D times alpha / 2, overflow fp32 where p = q = 0:
+# 0 * D is still 0. Exact gradients: 0.
+@pytest.mark.parametrize("backend, inplace", MODES[:-1])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("entries", [1, 2])
+def test_differences_past_the_float_range(backend, inplace, dtype, entries):
+    # the last entry's D = -4e38 is past fp32's range itself
+    z1 = torch.tensor([[3e38] + [1e38] * entries + [-2e38]], dtype=dtype, device=DEVICE)
+    z2 = torch.tensor([[3e38] + [-2e38] * entries + [2e38]], dtype=dtype, device=DEVICE)
+    z1, z2 = z1.requires_grad_(), z2.requires_grad_()
+    loss = fastrdrop.rdrop_loss(z1 * 1, z2 * 1, torch.tensor([0], device=DEVICE), alpha=4.0,
+                                backend=backend, inplace_backward=inplace)
+    assert loss.item() == 0.0
+    for grad in torch.autograd.grad(loss, (z1, z2)):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_at_the_largest_bf16(backend):
     # every logit at bf16's maximum: both passes are uniform, so each cross entropy is log V

@@ -146,6 +146,30 @@ def test_matches_one_process(world, backend):
     run_ranks(_cases_body, world, backend)
 
 
+def _lone_body(rank, world, backend):
+    # a -inf in one pass only makes its row's KL +inf, also on a rank whose maxima are far below
+    # the row's (its sums are scaled by exp(-300) = 0): rows 0 and 1, on rank 1 and rank 0
+    vocab = 2 * 20
+    gen = torch.Generator().manual_seed(3)
+    z1, z2 = (torch.randn(3, vocab, generator=gen) for _ in range(2))
+    z1[0, 20:] -= 300
+    z2[0, 20:] -= 300
+    z1[0, 25] = z2[1, 5] = float("-inf")
+    target = torch.tensor([1, 30, 7])
+    rows = slice(20 * rank, 20 * rank + 20)
+    z1, z2 = (z[:, rows].to(DEVICE).requires_grad_() for z in (z1, z2))
+    loss = fastrdrop.rdrop_loss(z1 * 1, z2 * 1, target.to(DEVICE), backend=backend,
+                                reduction="none", vocab_parallel_group=dist.group.WORLD)
+    assert loss[0].item() == loss[1].item() == float("inf") and torch.isfinite(loss[2])
+    for grad in torch.autograd.grad(loss.sum(), (z1, z2)):
+        assert grad[:2].isnan().all() and torch.isfinite(grad[2]).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_minus_inf_in_one_pass_on_a_rank_far_below_the_maximum(backend):
+    run_ranks(_lone_body, 2, backend)
+
+
 def _bytes_body(rank, world, backend):
     # what the collectives of one call carry: O(N) bytes, whatever V
     sent = []
