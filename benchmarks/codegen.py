@@ -3,7 +3,8 @@
 Compiles, with Triton's real compiler and no GPU, every specialisation of the Triton kernels that
 the public API launches, for NVIDIA sm_80, sm_90, sm_100 and AMD gfx942 (and gfx950 where the
 installed Triton knows it), and reads the binaries: registers, shared memory, spills, the width of
-the global loads and stores in the vocabulary loops, and how many programs fit on one SM (CU).
+the global loads and stores in the vocabulary loops, the instructions per iteration of each loop
+(NVIDIA SASS), and how many programs fit on one SM (CU).
 
 The launches are not listed by hand. ``fastrdrop.rdrop_loss`` and ``fastrdrop.linear_rdrop_loss``
 run forward and backward over a grid of calls (dtypes, target or none, label smoothing, softcap,
@@ -68,6 +69,9 @@ class Build:
     sgprs_in_vgpr_lanes: int = 0  # AMD: scalar registers spilled to vector lanes (no memory)
     loop_load_bits: list = field(default_factory=list)  # widths of the loads in loops
     loop_store_bits: list = field(default_factory=list)
+    # NVIDIA: per loop of the SASS, in address order, [instructions per iteration, of which
+    # MUFU.EX2], on the path that skips the loop's conditional blocks (label smoothing's)
+    loop_instructions: list = field(default_factory=list)
     programs_per_sm: int = 0
     warps_per_sm: int = 0
     kib_in_flight_per_sm: float = 0.0  # one loop iteration's loads of every resident program
@@ -386,6 +390,9 @@ def _read_cuda(build, compiled):
         cubin.flush()
         usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name],
                                capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name],
+                              capture_output=True, text=True, check=True).stdout
+    build.loop_instructions = sass_loops(sass)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     build.registers = int(fields["REG"])
     build.local_bytes = int(fields["LOCAL"]) + int(fields["STACK"])
@@ -428,6 +435,30 @@ def _read_amd(build, compiled):
     by_shared = limits["shared"] // build.shared_bytes if build.shared_bytes else by_regs
     build.programs_per_sm = min(by_regs, by_shared, limits["programs"])
     build.warps_per_sm = build.programs_per_sm * build.num_warps
+
+
+def sass_loops(sass):
+    """[instructions, of which MUFU.EX2] per iteration of each loop of cuobjdump's SASS, in
+    address order. A loop is a backward branch and the code from its target; a forward branch
+    inside it that lands inside it skips a conditional block, left out of the count."""
+    code = [(int(address, 16), text.strip()) for address, text in
+            re.findall(r"/\*([0-9a-f]{4,})\*/\s+([^;]*);", sass)]
+    index = {address: i for i, (address, _) in enumerate(code)}
+    loops = []
+    for end, (address, text) in enumerate(code):
+        branch = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        target = int(branch.group(1), 16) if branch else None
+        if target is None or target > address or target not in index or index[target] == end:
+            continue  # not a loop (or the idle loop after EXIT, a branch to itself)
+        body = code[index[target]:end + 1]
+        skipped = set()
+        for at, inner in body:
+            jump = re.search(r"^@!?U?P\w+\s+BRA\b.*?0x([0-9a-f]+)", inner)
+            if jump and at < int(jump.group(1), 16) <= address:
+                skipped |= {a for a, _ in body if at < a < int(jump.group(1), 16)}
+        kept = [t for a, t in body if a not in skipped]
+        loops.append([len(kept), sum("MUFU.EX2" in t for t in kept)])
+    return loops
 
 
 def _loop_access_bits(asm, *, block, access, width):
@@ -492,7 +523,8 @@ def run(target_list=None, workers=None):
 
 # ---------------------------------------------------------------------------------------------
 # 3. The report: one row per target, kernel, dtype and launch configuration (the flags and the
-# row alignment folded in: registers and shared memory are their maxima, occupancy its minimum).
+# row alignment folded in: registers and shared memory are their maxima, occupancy its minimum;
+# the loops' instructions are those of aligned rows without softcap, on NVIDIA).
 
 
 def summary(builds):
@@ -501,8 +533,8 @@ def summary(builds):
         groups.setdefault((b.target, b.kernel, b.dtype, b.block, b.num_warps), []).append(b)
     lines = ["| target | kernel | dtype | BLOCK | warps | builds | registers | shared B | local B "
              "| load bits (aligned) | store bits (aligned) | programs/SM | warps/SM "
-             "| KiB in flight/SM |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| KiB in flight/SM | loop instructions (aligned) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (target, kernel, dtype, block, warps), group in groups.items():
         failed = [b for b in group if not b.ok]
         if failed:
@@ -516,8 +548,14 @@ def summary(builds):
             f"| {max(b.local_bytes for b in group)} | {_bits(aligned, 'loop_load_bits')} "
             f"| {_bits(aligned, 'loop_store_bits')} "
             f"| {min(b.programs_per_sm for b in group)} | {min(b.warps_per_sm for b in group)} "
-            f"| {min(b.kib_in_flight_per_sm for b in group):.0f} |")
+            f"| {min(b.kib_in_flight_per_sm for b in group):.0f} | {_loops(aligned)} |")
     return "\n".join(lines)
+
+
+def _loops(builds):
+    """The SASS instructions per iteration of each loop of the build without flags."""
+    plain = [b for b in builds if not any(b.flags.values()) and b.loop_instructions]
+    return " / ".join(str(n) for n, _ in plain[0].loop_instructions) if plain else "-"
 
 
 def _bits(builds, name):

@@ -99,3 +99,27 @@ def test_registers_leave_room_for_programs_per_sm(builds):
         assert b["programs_per_sm"] >= 2, (
             f"{_where(b)}: {b['registers']} registers per thread leave room for "
             f"{b['programs_per_sm']} program(s) per SM")
+
+
+# The 16-bit vocabulary loops are bound by their instructions, not their bytes (README,
+# "Instructions per entry"). A budget per element pair of both rows, per iteration of each loop
+# with exponentials, in the NVIDIA binaries for aligned rows without softcap (the statistics loop
+# without its label-smoothing branch). With a mask and a comparison per entry for -inf and
+# exp's subnormal path, the loops took 42-43 (statistics) and 52-54 (gradients).
+BUDGET = {"statistics": 28, "gradients": 35}
+LOOPS = {"fwd": ("statistics", "gradients"), "bwd": ("gradients",), "partials": ("statistics",)}
+
+
+def test_the_vocabulary_loops_keep_their_instruction_budget(builds):
+    plain = [b for b in builds if b["ok"] and b["target"].startswith("sm_") and b["aligned"]
+             and not any(b["flags"].values()) and b["kernel"] in LOOPS]
+    assert plain
+    for b in plain:
+        pairs = 128 // int(b["dtype"][2:])  # a thread's entries per row per iteration
+        counts = [n for n, exponentials in b["loop_instructions"] if exponentials]
+        assert len(counts) == len(LOOPS[b["kernel"]]), (
+            f"{_where(b)}: loops with exponentials {b['loop_instructions']}")
+        for loop, count in zip(LOOPS[b["kernel"]], counts, strict=True):
+            assert count / pairs <= BUDGET[loop], (
+                f"{_where(b)}: the {loop} loop takes {count} instructions per iteration, "
+                f"{count / pairs:.1f} per element pair (budget {BUDGET[loop]})")
