@@ -58,7 +58,7 @@ def triton_unavailable_reason(device: torch.device) -> Optional[str]:
 # benchmarks.codegen` (Triton 3.9, sm_90, without softcap): benchmarks/results/codegen/codegen.md.
 #
 #   V > 1024, 16-bit: 1024 x 128, 80 / 64 registers (forward, which includes the in-place pass,
-#     / backward; it takes 75 / 52): 6 and 9 programs per SM, 24 and 36 KiB in flight.
+#     / backward; it takes 76 / 48): 6 and 10 programs per SM, 24 and 40 KiB in flight.
 #   V > 1024, fp32: 1024 x 256, 48 registers: 5 programs per SM, 40 KiB in flight.
 #   V <= 1024: 64 threads (two warps; one AMD wave), 128 registers. A row is one or a few
 #     iterations, bound by the latency of its reductions, so many small programs beat few large
