@@ -8,7 +8,7 @@ E_p[D] and E_q[D] of the symmetric KL and the smoothing term are sums over the w
 the slice (its maximum from the Triton kernel, its log-sum-exp rounded to float from the native
 one) and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum
 (z_k - m_k) and V'; and whether a position of the slice is -inf in one pass only (the row's KL is
-then +inf).
+then +inf, whatever t_k holds: the Triton kernel leaves it inf or NaN there).
 
 1. MAX all-reduce of the two references per row, M_k = max_r m_k, of that one-pass flag, and of
    each rank's V_r (one entry per rank, the others 0), which gives every rank the offsets of the

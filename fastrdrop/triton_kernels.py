@@ -83,7 +83,7 @@ def _row_length(V, ptr, ALIGNED: tl.constexpr):
 @triton.jit
 def _exp2(x):
     """2^x; on NVIDIA one ex2.approx.ftz: libdevice's exp2f, with Triton's default of flushing
-    subnormals to zero in libdevice. tl.exp's ex2.approx without ftz is four more instructions
+    subnormals to zero in libdevice. tl.exp's ex2.approx without ftz is three more instructions
     per entry, which make subnormal results (p < 2^-126, which add nothing to a sum that holds
     exp(0) = 1); the native kernel flushes them too."""
     if INTERPRETED:
@@ -156,8 +156,9 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     # logits). Each lane keeps the statistics of its own entries across the loop: the online max
     # m_k, and relative to it s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D; with smoothing
     # sigma_k = sum (z_k - m_k) and V' (else 0); lone: 1 if a position is -inf in one pass only
-    # (its KL is +inf, whatever exp(z) rounds to). In a row with a lone -inf, t_k may be inf or
-    # NaN: _row_stats and fastrdrop.distributed set that row's KL from lone and s_k alone.
+    # (its KL is +inf, whatever exp(z) rounds to), or +inf against another value (a NaN row;
+    # the loop keeps the maximum of |D / 2|). In a row with a lone -inf, t_k may be inf or NaN:
+    # _row_stats and fastrdrop.distributed set that row's KL from lone and s_k alone.
     # The loop reduces within a thread only (axis 0), and the lanes are combined once, after it:
     # a reduction across threads in the loop costs a barrier per statistic per block. Every
     # instruction counts: on an H200 the 16-bit loop read at half a copy's bandwidth where the
@@ -182,11 +183,12 @@ def _row_sums(z1_row_ptr, z2_row_ptr, V, eps, softcap, SOFTCAP: tl.constexpr,
     for start in range(0, V, BLOCK):
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, start + lane_offs, V, softcap,
                                       SOFTCAP)
-        # h = D / 2 (t_k sums exp(z_k - m_k) h here, twice that is returned): exact, and finite
-        # for finite logits (D overflows past 1.7e38). |h| = inf where one logit is infinite and
-        # the other is not that infinity: a lone -inf, or +inf (the row's sums are NaN then).
-        # Where both are -inf (absent) h is NaN, which maximum and minimum skip (maxnum and
-        # minnum: a NaN operand gives the other one; numpy's fmax, fmin in the interpreter).
+        # h = D / 2 (t_k sums exp(z_k - m_k) h here, twice that is returned): half the rounded
+        # D exactly, and finite for finite logits (D overflows past 1.7e38). |h| = inf where one
+        # logit is infinite and the other is not that infinity: a lone -inf, or +inf (whose row
+        # is NaN anyway). Where both are -inf (absent) h is NaN, which maximum and minimum skip
+        # (maxnum and minnum give the other operand; so do numpy's fmax and fmin, which Triton's
+        # interpreter takes from 3.8 on).
         h = 0.5 * z1 - 0.5 * z2
         lone = tl.maximum(lone, tl.max(tl.abs(h), 0))
         # NaN and +inf -> the largest float, so that h times exp(z) = 0 is 0. -inf is left only
@@ -283,19 +285,19 @@ def _row_stats(z1_row_ptr, z2_row_ptr, y, has_target, V, eps, softcap,
 def _pair_grads(z1, z2, m1, m2, log2_s1, log2_s2, ep, eq, c_ce1, c_ce2, c_kl, target, softcap,
                 SOFTCAP: tl.constexpr):
     """dz1, dz2 at entries z1, z2 whose CE target ((1 - eps) e_y + eps / V') is ``target``;
-    ep, eq are E_p[h], E_q[h] of h = D / 2, and log2_s = log s * log2 e."""
+    ep, eq are E_p[h], E_q[h] of h = D / 4, and log2_s = log s * log2 e."""
     # p = exp(z1 - m1 - log s1) = 2^((z1 - m1) log2 e - log2 s1): one FMA for the exponent
     p = _exp2((z1 - m1) * LOG2E - log2_s1)
     q = _exp2((z2 - m2) * LOG2E - log2_s2)
-    # h = D / 2 is finite for finite logits, where D may overflow: p (h - E_p[h]) is 0 where p is
-    # 0. dz1 = c_kl (p (h - E_p[h]) + (p - q) / 2) + c_ce1 (p - target),
-    #    dz2 = -c_kl (q (h - E_q[h]) + (p - q) / 2) + c_ce2 (q - target),
-    # in FMAs: c_ce p + (... + (c_kl / 2 (p - q) - c_ce target))
-    h = 0.5 * z1 - 0.5 * z2
+    # dz1 = c_kl (p (D - E_p[D]) + p - q) / 2 + c_ce1 (p - target),
+    # dz2 = -c_kl (q (D - E_q[D]) + p - q) / 2 + c_ce2 (q - target). With h = D / 4, h - E_p[h]
+    # is finite for finite logits (D, and D - E_p[D], overflow past 1.7e38): p (h - E_p[h]) is 0
+    # where p is 0. In FMAs: c_ce p + (2 c_kl p (h - E_p[h]) + (c_kl / 2 (p - q) - c_ce target))
+    h = 0.25 * z1 - 0.25 * z2
     half_kl = 0.5 * c_kl
     p_q = p - q
-    dz1 = c_ce1 * p + (c_kl * (p * (h - ep)) + (half_kl * p_q - c_ce1 * target))
-    dz2 = c_ce2 * q + (-c_kl * (q * (h - eq)) - (half_kl * p_q + c_ce2 * target))
+    dz1 = c_ce1 * p + (2.0 * c_kl * (p * (h - ep)) + (half_kl * p_q - c_ce1 * target))
+    dz2 = c_ce2 * q + (-2.0 * c_kl * (q * (h - eq)) - (half_kl * p_q + c_ce2 * target))
     if SOFTCAP:
         # d/dx c tanh(x / c) = 1 - (z / c)^2
         dz1 *= 1.0 - (z1 / softcap) * (z1 / softcap)
@@ -320,8 +322,8 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
     smoothing = tl.where(eps > 0, eps / n_present, 0.0)
     log2_s1 = log_s1 * LOG2E
     log2_s2 = log_s2 * LOG2E
-    ep = 0.5 * ep  # E_p[D] -> E_p[h]
-    eq = 0.5 * eq
+    ep = 0.25 * ep  # E_p[D] -> E_p[h]
+    eq = 0.25 * eq
     # the label's entries, read before the loop may overwrite them (in place); a label outside
     # [0, V) has no term here (with a vocabulary split across ranks it is another rank's)
     on_row = has_target & (y >= 0) & (y < V)
@@ -337,7 +339,9 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
     if on_row:
         dz1, dz2 = _pair_grads(zy1, zy2, m1, m2, log2_s1, log2_s2, ep, eq, c_ce1, c_ce2, c_kl,
                                1.0 - eps + smoothing, softcap, SOFTCAP)
-        tl.debug_barrier()  # after every thread's stores of the loop
+        # after every thread's stores of the loop: a barrier orders the program's global memory
+        # too (bar.sync on NVIDIA; workgroup fences around s_barrier on AMD)
+        tl.debug_barrier()
         _store_grad(dz1_row_ptr + y, tl.where(y_present, dz1, poison), True)
         _store_grad(dz2_row_ptr + y, tl.where(y_present, dz2, poison), True)
 

@@ -165,6 +165,23 @@ def test_differences_past_the_float_range(backend, inplace, dtype, entries):
         assert torch.equal(grad, torch.zeros_like(grad))
 
 
+@pytest.mark.parametrize("backend, inplace", [m for m in MODES if m.values[0] == "triton"])
+def test_a_distance_from_the_mean_past_the_float_range(backend, inplace):
+    # D - E_p[D] overflows fp32 at an entry where p = 0 (its logit is one ulp below the label's,
+    # so that exp of the difference is 0), in a row whose loss is 0: its gradient is 0 too. (The
+    # native kernel folds E_p[D] into a coefficient per row, an FMA less per entry, exact to the
+    # rounding of terms of 1e38 here: it gives -1.5 at the label.)
+    largest, u = torch.finfo(torch.float32).max, 4.0723276e31
+    below = torch.nextafter(torch.tensor(u), torch.tensor(0.0)).item()
+    z1 = torch.tensor([[u, below, 0.0, 0.0]], device=DEVICE, requires_grad=True)
+    z2 = torch.tensor([[largest, -largest, 0.0, 0.0]], device=DEVICE, requires_grad=True)
+    loss = fastrdrop.rdrop_loss(z1 * 1, z2 * 1, torch.tensor([0], device=DEVICE),
+                                backend=backend, inplace_backward=inplace)
+    assert loss.item() == 0.0
+    for grad in torch.autograd.grad(loss, (z1, z2)):
+        assert torch.equal(grad, torch.zeros_like(grad))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_rows_at_the_largest_bf16(backend):
     # every logit at bf16's maximum: both passes are uniform, so each cross entropy is log V
