@@ -383,16 +383,15 @@ def _error_text(error):
 
 
 def _read_cuda(build, compiled):
-    """Registers and local memory from cuobjdump, vector widths from the PTX, occupancy from the
-    register allocation unit (256 per warp) and the SM's limits."""
+    """Registers, local memory and the loops' instructions from cuobjdump (one call), vector
+    widths from the PTX, occupancy from the register allocation unit (256 per warp) and the SM's
+    limits."""
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
-        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", cubin.name],
+        usage = subprocess.run([_cuobjdump(), "--dump-resource-usage", "-sass", cubin.name],
                                capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_cuobjdump(), "-sass", cubin.name],
-                              capture_output=True, text=True, check=True).stdout
-    build.loop_instructions = sass_loops(sass)
+    build.loop_instructions = sass_loops(usage)
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
     build.registers = int(fields["REG"])
     build.local_bytes = int(fields["LOCAL"]) + int(fields["STACK"])
