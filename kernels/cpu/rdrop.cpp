@@ -230,7 +230,7 @@ inline int64_t lane_major(int64_t j, int64_t len) {
 // error is below 2.1e-7 (1.7 ulp) for x in [-20, 0] and 4e-7 down to the smallest normal float.
 // Degree 4, for 16-bit rows, one FMA shorter: below 5.4e-6, 90 times finer than fp16's rounding
 // of the logits themselves (bf16's: 700 times). x is clamped at -88, where n = -127 makes the
-// exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no test. Above 88.7 the
+// exponent bits, and so the result, exactly 0: exp(-inf) = 0 with no test. From 88.38 the
 // exponent bits saturate: the result is inf (which a block's sum shows, see row_sums), or NaN
 // for x = inf or NaN.
 namespace exp_coef {
@@ -289,7 +289,8 @@ template <int kDegree>
 // The conversions give the same bits as Fmt::load / Fmt::store (but for bf16 results below
 // 2^-126 with AVX512-BF16, see Words<BF16>); sums differ in the order of their additions. exp
 // looks 2^(j / 32) up in a table held in registers, which the generic loops would have to
-// gather, so it and vexp differ in the last bits (and below e^-87, where it keeps subnormals).
+// gather, so it and vexp differ by up to vexp's error (2.1e-7 for fp32 rows, 5.4e-6 for 16-bit
+// ones), and below e^-87, where exp keeps subnormals.
 namespace avx512 {
 
 using Vec = __m512;
@@ -311,10 +312,11 @@ inline Mask first(int64_t n) { return n >= 16 ? Mask(0xFFFF) : Mask((1u << n) - 
 // exp(x) = 2^(i + j / 32) exp(r): n = i + j / 32 is x log2(e) rounded to a multiple of 1/32,
 // so that |r| <= ln2 / 64, where a polynomial of degree 2 is within 5.3e-8 of exp(r). 2^(j / 32)
 // comes from a table of 32 floats in two registers, 2^i from vscalefps, which also gives inf
-// past the float range and 0 below it: below -105 exp rounds to 0, so exp(-inf) = 0. Relative
-// error below 2.2e-7 for x in [-20, 0] and 4e-7 down to the smallest normal float, with 9
-// instructions against vexp's 12 (degree 4) and 13 (degree 5): the loops that call it issue
-// about 2.5 vector instructions a cycle on Zen 5 whatever they are, so the count is the cost.
+// past the float range (for x = +inf too) and 0 below it: from x = -103.97 the result rounds to
+// 0, and x is clamped at -105, so exp(-inf) = 0. Relative error below 2.2e-7 for x in [-20, 0]
+// and 4.1e-7 down to the smallest normal float, with 9 instructions against vexp's 12 (degree
+// 4) and 13 (degree 5): the loops that call it issue about 2.5 vector instructions a cycle on
+// Zen 5 whatever they are, so the count is the cost.
 struct Exp2Table {
   Vec lo, hi;  // 2^(j / 32), j = 0..15 and 16..31
 };
