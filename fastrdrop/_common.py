@@ -7,6 +7,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from . import _native
+
 REDUCTIONS = ("mean", "sum", "none", "batchmean")
 BACKENDS = ("auto", "triton", "native", "torch")
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,7 +40,7 @@ def check_args(
 ) -> None:
     """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync)."""
     check_pair("logits1", logits1, "logits2", logits2, last_dim="V", what="the vocabulary")
-    check_target(target, logits1, "logits1", "the vocabulary")
+    check_target(target, logits1.shape[:-1], logits1.device, "logits1", "the vocabulary")
     check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, softcap=softcap)
 
@@ -51,8 +53,14 @@ def check_stacked_args(logits: Tensor, target: Optional[Tensor], **options) -> N
         raise ValueError(
             "logits must have shape [2B, ..., V], both passes stacked on dim 0 (an even size) "
             f"and V >= 1 (the vocabulary), got {_shape(logits)}")
-    check_target(target, logits[: logits.shape[0] // 2], "logits[:B]", "the vocabulary")
+    check_target(target, stacked_batch_shape(logits), logits.device, "logits[:B]",
+                 "the vocabulary")
     check_options(**options)
+
+
+def stacked_batch_shape(logits: Tensor) -> torch.Size:
+    """[B, ...] of logits [2B, ..., V]: the shape of one pass's labels."""
+    return torch.Size((logits.shape[0] // 2, *logits.shape[1:-1]))
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -85,20 +93,22 @@ def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
             f"{name2} must be on the same device as {name1} ({t1.device}), got {t2.device}")
 
 
-def check_target(target: Optional[Tensor], like: Tensor, name: str, what: str) -> None:
-    """None, or integer labels shaped like ``like`` without its last dim, on its device."""
+def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.device, name: str,
+                 what: str) -> None:
+    """None, or integer labels of ``shape``, the shape of ``name`` without its last dim (``what``),
+    on ``device``."""
     if target is None:
         return
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
-    if target.shape != like.shape[:-1]:
-        raise ValueError(f"target must have shape {_shape(like)[:-1]} ({name}'s shape without "
+    if target.shape != shape:
+        raise ValueError(f"target must have shape {list(shape)} ({name}'s shape without "
                          f"{what}), got {_shape(target)}")
-    if target.device != like.device:
+    if target.device != device:
         raise ValueError(
-            f"target must be on the same device as {name} ({like.device}), got {target.device}")
+            f"target must be on the same device as {name} ({device}), got {target.device}")
 
 
 def check_backend(backend: str) -> None:
@@ -167,12 +177,14 @@ def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index:
     if (target is None or target.numel() == 0 or torch.compiler.is_compiling()
             or not labels_checked(target, backend)):
         return
-    bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
-    if bool(bad.any()):
-        example = int(target[bad].flatten()[0])
+    at = _native.first_bad_label(target, vocab_size, ignore_index)
+    if at is None:  # the same check in torch ops
+        bad = ((target < 0) | (target >= vocab_size)) & (target != ignore_index)
+        at = int(bad.flatten().nonzero()[0]) if bool(bad.any()) else -1
+    if at >= 0:
         raise ValueError(
             f"target has labels outside [0, V={vocab_size}) that are not "
-            f"ignore_index={ignore_index}, e.g. {example}"
+            f"ignore_index={ignore_index}, e.g. {int(target.flatten()[at])}"
         )
 
 
@@ -196,7 +208,8 @@ def row_weights(
 
 def token_loss(parts: Tensor, alpha: float) -> Tensor:
     """Per-token loss CE_1 + CE_2 + alpha * symKL from the per-row parts [3, N]."""
-    return parts[0] + parts[1] + alpha * parts[2]
+    ce1, ce2, kl = parts.unbind()
+    return ce1 + ce2 + alpha * kl
 
 
 def reduce_rows(rows: Tensor, weights: Tensor, reduction: str, batch_shape: torch.Size) -> Tensor:

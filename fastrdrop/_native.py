@@ -15,7 +15,7 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-ABI_VERSION = 5  # fastrdrop_cpu_abi_version() of a library with these signatures
+ABI_VERSION = 6  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
     # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;
@@ -69,6 +69,8 @@ def _load():
             for name, argtypes in _SIGNATURES.items():
                 getattr(lib, name).argtypes = argtypes
                 getattr(lib, name).restype = _int
+            lib.fastrdrop_cpu_first_bad_label.argtypes = [_ptr, _i64, _i64, _i64]
+            lib.fastrdrop_cpu_first_bad_label.restype = _i64
             return lib, None
     note = _build_note()
     return None, f"not built: {note}" if note else f"{LIBRARY} was not found"
@@ -78,6 +80,18 @@ def _load():
 def unavailable_reason() -> Optional[str]:
     """Why the native CPU kernel cannot run here, or None when it can."""
     return _load()[1]
+
+
+def first_bad_label(target, vocab_size, ignore_index) -> Optional[int]:
+    """The flat index of the first label outside [0, V) that is not ignore_index, -1 where none
+    is; None where the library cannot tell (not built, or labels that are not contiguous int64
+    on CPU). One call, no tensor: the torch ops of the same check cost ten times more."""
+    lib = _load()[0]
+    if lib is None or target.device.type != "cpu" or target.dtype != torch.int64 or (
+            not target.is_contiguous()):
+        return None
+    return lib.fastrdrop_cpu_first_bad_label(target.data_ptr(), target.numel(), vocab_size,
+                                             ignore_index)
 
 
 def _common_args(z1, z2, target, ignore_index, label_smoothing, softcap):

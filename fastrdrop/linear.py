@@ -75,7 +75,7 @@ def linear_rdrop_loss(
     """
     check_pair("hidden1", hidden1, "hidden2", hidden2, last_dim="H", what="the hidden size")
     _check_weight(weight, bias, hidden1)
-    check_target(target, hidden1, "hidden1", "the hidden size")
+    check_target(target, hidden1.shape[:-1], hidden1.device, "hidden1", "the hidden size")
     check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, softcap=softcap)
     _check_chunk_size(chunk_size)

@@ -18,6 +18,7 @@ from ._common import (
     check_stacked_args,
     reduce_rows,
     row_weights,
+    stacked_batch_shape,
     token_loss,
 )
 
@@ -135,14 +136,13 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     group: the vocabulary is split across its ranks."""
     name1 = "logits1" if logits2 is not None else "logits"
     backend = resolve_backend(backend, logits1, name1)
-    first, second = ops.halves(logits1, logits2)
     if backend == "torch":
         return reference.rdrop_loss(
-            first, second, target, alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-            label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts,
-            vocab_parallel_group=group)
+            *ops.halves(logits1, logits2), target, alpha=alpha, ignore_index=ignore_index,
+            reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+            return_parts=return_parts, vocab_parallel_group=group)
 
-    batch_shape = first.shape[:-1]
+    batch_shape = logits1.shape[:-1] if logits2 is not None else stacked_batch_shape(logits1)
     z1 = _rows(logits1, name1, inplace_backward)
     z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
     if inplace_backward and logits1 is logits2:

@@ -208,8 +208,6 @@ def _triton_scale_rows(z1, z2, scale):
 
 
 def _torch_scale_rows(z1, z2, scale):
-    if scale.numel() == 1 and scale.item() == 1.0:  # on CPU reading a value costs nothing
-        return
     z1.mul_(scale.reshape(-1, 1))
     z2.mul_(scale.reshape(-1, 1))
 
@@ -255,14 +253,15 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
 def _rows_overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two rows of a [n, V] and b [m, V] (contiguous last dims) share memory; two rows of
     a itself when b is a. Exact for rows of one stride, by their span otherwise."""
-    if a.numel() == 0 or b.numel() == 0 or (
-            a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr()):
+    if a.numel() == 0 or b.numel() == 0:
         return False
     elem, (n, m) = a.element_size(), (a.shape[0], b.shape[0])
     row_bytes = a.shape[1] * elem
-    stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
     if a is b:
-        return n > 1 and stride_a < row_bytes
+        return n > 1 and a.stride(0) * elem < row_bytes
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
     d = b.data_ptr() - a.data_ptr()
     if stride_a == stride_b and stride_a >= row_bytes:
         # rows i of a and j of b overlap iff |(i - j) stride - d| < row_bytes: try the k = i - j
@@ -284,8 +283,10 @@ def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, labe
     check_target_values(target, z1.shape[1], ignore_index, backend)
     parts, stats = _empty_rows(z1)
     if z1.shape[0] > 0:
+        if grads is not None:  # in place: the rows of the logits themselves
+            grads = (z1, z2) if grads[0] is logits1 else halves(*grads)
         FORWARD[backend](z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing,
-                         softcap, alpha, None if grads is None else halves(*grads))
+                         softcap, alpha, grads)
     return parts, stats
 
 
@@ -573,23 +574,30 @@ class RDropLossFunction(torch.autograd.Function):
                 scale = torch.cat([scale, scale])
             return (*(None if g is None else (g.float() * scale).to(g.dtype) for g in grads),
                     *[None] * 9)
-        dz1, dz2 = halves(*grads)
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
-        if dz1.shape[0] == 0:
+        upstream = grad_rows.float()
+        if grads[0].shape[0] == 0 or _is_one(upstream):
             return *grads, *[None] * 9
+        dz1, dz2 = halves(*grads)
         if hasattr(ctx, "recompute") and dz1.dtype != torch.float32:
-            _rewrite_rows(ctx, grad_rows.float(), dz1, dz2)
+            _rewrite_rows(ctx, upstream, dz1, dz2)
         else:  # rows whose upstream gradient is 1 are left as they are
-            SCALE_ROWS[ctx.backend](dz1, dz2, grad_rows.float())
+            SCALE_ROWS[ctx.backend](dz1, dz2, upstream)
         return *grads, *[None] * 9
+
+
+def _is_one(upstream: Tensor) -> bool:
+    """Whether the upstream gradient (one value, or one per row) is 1 everywhere, for which the
+    forward pass wrote the gradients, where reading it costs nothing: on CPU."""
+    if upstream.device.type != "cpu":
+        return False
+    return upstream.item() == 1.0 if upstream.numel() == 1 else bool((upstream == 1).all())
 
 
 def _rewrite_rows(ctx, upstream, dz1, dz2):
     """The rows of RDropLossFunction's 16-bit buffers dz1, dz2 whose upstream gradient (one value,
     or one per row) is not 1, computed again from the saved logits and stats."""
-    if upstream.device.type == "cpu" and bool((upstream == 1).all()):
-        return  # nothing to redo, and on CPU reading that costs nothing: the logits stay saved
     logits1, logits2, target, stats, grad_parts = _saved_with_grad_parts(ctx, upstream)
     ignore_index, label_smoothing, softcap, backend = ctx.recompute[1]
     BACKWARD[backend](*halves(logits1, logits2), target, stats, grad_parts, dz1, dz2,

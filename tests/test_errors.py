@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fastrdrop
-from fastrdrop import _common
+from fastrdrop import _common, _native
 
 from conftest import fused_backends
 from inputs import labels, logits_pair
@@ -118,3 +118,23 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error():
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
                          check=True).stdout
     assert "backend='triton'" in out and "TRITON_INTERPRET=1" in out
+
+
+@pytest.mark.parametrize("layout", ["int64", "int32", "transposed"])
+def test_the_first_bad_label_is_named(layout):
+    # Contiguous int64 labels on CPU are checked by the native library where it is built, other
+    # labels by torch ops: either way the message names the first bad label in the labels' order
+    # (300 at flat index 2, before -5 at 4).
+    rows = [[3, -100, 300, 7], [-5, 2, 2, 2]]
+    y = {"int64": lambda: torch.tensor(rows), "int32": lambda: torch.tensor(rows).int(),
+         "transposed": lambda: torch.tensor(rows).t().contiguous().t()}[layout]()
+    native = _native.unavailable_reason() is None
+    assert _native.first_bad_label(y, V, -100) == (2 if native and layout == "int64" else None)
+    z1, z2 = logits_pair((2, 4, V), torch.float32)
+    with pytest.raises(ValueError, match=r"e\.g\. 300$"):
+        fastrdrop.rdrop_loss(z1, z2, y)
+    y[0, 2] = 299
+    with pytest.raises(ValueError, match=r"e\.g\. -5$"):
+        fastrdrop.rdrop_loss(z1, z2, y)
+    y[1, 0] = -100
+    fastrdrop.rdrop_loss(z1, z2, y)

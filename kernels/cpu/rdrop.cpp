@@ -1245,7 +1245,18 @@ int dispatch(int dtype, bool softcap, F&& f) {
 extern "C" {
 
 // Bumped whenever a signature below changes: the loader refuses a stale build.
-FASTRDROP_API int fastrdrop_cpu_abi_version() { return 5; }
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 6; }
+
+// The index of the first of the n labels that lies outside [0, vocab) and is not ignore_index,
+// or -1 where there is none: the argument check of the CPU backends, one pass over the labels
+// with no tensor made.
+FASTRDROP_API int64_t fastrdrop_cpu_first_bad_label(const int64_t* target, int64_t n,
+                                                    int64_t vocab, int64_t ignore_index) {
+  for (int64_t i = 0; i < n; ++i) {
+    if ((target[i] < 0 || target[i] >= vocab) && target[i] != ignore_index) return i;
+  }
+  return -1;
+}
 
 // z1, z2: [n_rows, vocab] rows of `dtype`, row strides in elements; target: int64 [n_rows] or
 // NULL; softcap 0 for none. parts: float [3, n_rows]; stats: float [8, n_rows]. row_weight: NULL
