@@ -101,24 +101,29 @@ def _common_args(z1, z2, target, ignore_index, label_smoothing, softcap):
             label_smoothing, softcap or 0.0]
 
 
+def _as(t, dtype):
+    """t as a contiguous tensor of dtype: itself when it is one (no torch op: a call's few
+    microseconds count against the kernel's at small batches)."""
+    return t if t.dtype == dtype and t.is_contiguous() else t.to(dtype).contiguous()
+
+
 def _labels(target):
-    return None if target is None else target.to(torch.int64).contiguous()
+    return None if target is None else _as(target, torch.int64)
 
 
 def forward(z1, z2, target, row_weight, parts, stats, ignore_index, label_smoothing, softcap,
             alpha, grads):
     lib = _load()[0]
     target = _labels(target)
-    if grads is None:
-        row_weight, (dz1, dz2) = None, (None, None)
+    if grads is None:  # the statistics alone: no weights, no gradient rows
+        weights, out = None, [None, None, 0, 0]
     else:
-        row_weight, (dz1, dz2) = row_weight.to(torch.float32).contiguous(), grads
+        row_weight, (dz1, dz2) = _as(row_weight, torch.float32), grads
+        weights, out = row_weight.data_ptr(), [dz1.data_ptr(), dz2.data_ptr(), dz1.stride(0),
+                                               dz2.stride(0)]
     status = lib.fastrdrop_cpu_forward(
-        *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap),
-        None if row_weight is None else row_weight.data_ptr(), alpha,
-        *(None if dz is None else dz.data_ptr() for dz in (dz1, dz2)),
-        *(0 if dz is None else dz.stride(0) for dz in (dz1, dz2)),
-        parts.data_ptr(), stats.data_ptr(), torch.get_num_threads())
+        *_common_args(z1, z2, target, ignore_index, label_smoothing, softcap), weights, alpha,
+        *out, parts.data_ptr(), stats.data_ptr(), torch.get_num_threads())
     assert status == 0, f"fastrdrop_cpu_forward failed with status {status}"
 
 
