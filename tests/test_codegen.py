@@ -101,7 +101,7 @@ def test_registers_leave_room_for_programs_per_sm(builds):
             f"{b['programs_per_sm']} program(s) per SM")
 
 
-# The 16-bit vocabulary loops are bound by their instructions, not their bytes (README,
+# The 16-bit vocabulary loops are bound by their instructions, not their bytes (docs/performance.md,
 # "Instructions per entry"). A budget per element pair of both rows, per iteration of each loop
 # with exponentials, in the NVIDIA binaries for aligned rows without softcap (the statistics loop
 # without its label-smoothing branch). With a mask and a comparison per entry for -inf and
