@@ -577,19 +577,24 @@ class RDropLossFunction(torch.autograd.Function):
         if grad_rows.numel() > 0 and grad_rows.stride(0) == 0:
             grad_rows = grad_rows[:1]  # one value broadcast to all rows: the gradient of a sum
         upstream = grad_rows.float()
-        if grads[0].shape[0] == 0 or _is_one(upstream):
+        rewrite = hasattr(ctx, "recompute") and grads[0].dtype != torch.float32
+        # An upstream gradient of 1 leaves the gradients as they are, which is known before any
+        # work where reading it costs nothing (CPU): for the default mode's 16-bit buffers, whose
+        # rows would otherwise be computed again from the saved logits, and elsewhere but on the
+        # Triton path, whose scaling kernel reads nothing back wherever it runs (test_sync.py).
+        if grads[0].shape[0] == 0 or (
+                (rewrite or ctx.backend != "triton") and _is_one_on_cpu(upstream)):
             return *grads, *[None] * 9
         dz1, dz2 = halves(*grads)
-        if hasattr(ctx, "recompute") and dz1.dtype != torch.float32:
+        if rewrite:
             _rewrite_rows(ctx, upstream, dz1, dz2)
         else:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, upstream)
         return *grads, *[None] * 9
 
 
-def _is_one(upstream: Tensor) -> bool:
-    """Whether the upstream gradient (one value, or one per row) is 1 everywhere, for which the
-    forward pass wrote the gradients, where reading it costs nothing: on CPU."""
+def _is_one_on_cpu(upstream: Tensor) -> bool:
+    """Whether the upstream gradient (one value, or one per row) is on CPU and 1 everywhere."""
     if upstream.device.type != "cpu":
         return False
     return upstream.item() == 1.0 if upstream.numel() == 1 else bool((upstream == 1).all())
