@@ -84,14 +84,18 @@ def unavailable_reason() -> Optional[str]:
 
 def first_bad_label(target, vocab_size, ignore_index) -> Optional[int]:
     """The flat index of the first label outside [0, V) that is not ignore_index, -1 where none
-    is; None where the library cannot tell (not built, or labels that are not contiguous int64
-    on CPU). One call and no tensor, where the same check in torch ops takes six of them."""
+    is; None where the library cannot tell: not built, or labels that are not plain contiguous
+    int64 CPU memory (subclasses, fake tensors and those of torch.func transforms have no data
+    pointer to read). One call and no tensor, where the same check in torch ops takes six."""
     lib = _load()[0]
-    if lib is None or target.device.type != "cpu" or target.dtype != torch.int64 or (
-            not target.is_contiguous()):
+    if (lib is None or type(target) is not torch.Tensor or target.device.type != "cpu"
+            or target.dtype != torch.int64 or not target.is_contiguous()
+            or torch._C._functorch.is_functorch_wrapped_tensor(target)):
         return None
-    return lib.fastrdrop_cpu_first_bad_label(target.data_ptr(), target.numel(), vocab_size,
-                                             ignore_index)
+    data = target.data_ptr()
+    if data == 0:  # a backstop: any other tensor with no memory of its own
+        return None
+    return lib.fastrdrop_cpu_first_bad_label(data, target.numel(), vocab_size, ignore_index)
 
 
 def _common_args(z1, z2, target, ignore_index, label_smoothing, softcap):

@@ -138,3 +138,16 @@ def test_the_first_bad_label_is_named(layout):
         fastrdrop.rdrop_loss(z1, z2, y)
     y[1, 0] = -100
     fastrdrop.rdrop_loss(z1, z2, y)
+
+
+def test_labels_without_memory_of_their_own_are_checked_by_torch_ops():
+    # Under torch.func.functionalize labels are plain int64 CPU tensors whose data pointer is 0:
+    # the native check leaves them to the torch ops (it read address 0 once).
+    def check(y):
+        _common.check_target_values(y, V, -100, "native")
+        return y
+
+    good = torch.tensor([1, 2, -100])
+    assert torch.equal(torch.func.functionalize(check)(good), good)
+    with pytest.raises(ValueError, match=r"e\.g\. 300$"):
+        torch.func.functionalize(check)(torch.tensor([1, 300, -100]))
