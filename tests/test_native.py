@@ -56,6 +56,33 @@ def test_bit_identical_with_one_and_two_threads(dtype, inplace):
 # row's odd last element apart: vocabularies around those sizes and past a block (2048), in both
 # modes (16-bit logits in the default mode take the backward pass's loop), with smoothing, and
 # with -inf entries (absent positions, which the loops must leave at 0).
+# From 4 MiB of gradients the AVX-512 loops write them around the caches into their buffer
+# (rdrop.cpp, Options::stream): whole 64-byte lines of rows that start on one, the rest as
+# before. Rows are independent, so the rows of a call too small to stream are the same bits.
+# V=32768: every row streamed; V=32024 (bf16 rows of 64048 bytes): the first row streamed up to
+# its masked tail, the others not aligned. fp16 takes the backward pass's loop, and bf16 with an
+# upstream gradient other than 1 rewrites its rows there.
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("vocab_size", [32768, 32024])
+@pytest.mark.parametrize("upstream", [1.0, 0.5])
+def test_gradients_written_around_the_caches(dtype, vocab_size, upstream):
+    n_rows = 40  # 2 x 40 x 32768 bf16 elements: 5 MiB
+    z1, z2 = logits_pair((n_rows, vocab_size), dtype)
+    target = labels((n_rows,), vocab_size, logits=z1)
+
+    def grad(rows):
+        z = torch.cat([z1[rows], z2[rows]]).requires_grad_()
+        loss = fastrdrop.stacked_rdrop_loss(z, target[rows], reduction="sum", backend="native")
+        return torch.autograd.grad(loss * upstream, z)[0].chunk(2)
+
+    streamed = grad(slice(None))
+    for start in range(0, n_rows, 2):  # 2 x 2 rows: 256 KiB in bf16, written as before
+        rows = slice(start, start + 2)
+        for whole, few in zip(streamed, grad(rows), strict=True):
+            assert torch.equal(whole[rows], few), f"rows {start}, {start + 1}"
+
+
 @needs_native
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("vocab_size", [1, 2, 3, 31, 32, 33, 47, 2047, 2049, 4131])
