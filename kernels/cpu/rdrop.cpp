@@ -439,8 +439,9 @@ struct Options {
   bool has_target;
   // Write the gradients around the caches (the AVX-512 loops, into rows that are not the
   // logits, 64-byte aligned): a store to a line that is not in cache reads it first, and a
-  // gradient of kStreamBytes or more is not in cache when it is written, nor kept there for its
-  // reader. Streaming spares that read. stacked_rdrop_loss fwd+bwd in the default mode, Zen 5,
+  // gradient of kStreamBytes or more outgrows a core's L2 (1-2 MiB on current server cores):
+  // its lines are mostly not in cache when written, nor kept there for their reader. Streaming
+  // spares the read. stacked_rdrop_loss fwd+bwd in the default mode, Zen 5,
   // builds alternating: 10-18% less time at 256 x 32000 (bf16 and fp32), 4-13% at 256 x 131072,
   // 0.63 -> 0.33 ms at 16 x 32000 fp32 and 1.35 -> 0.78 ms at 64 x 32000 bf16; in place the same.
   bool stream = false;
