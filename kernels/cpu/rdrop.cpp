@@ -449,6 +449,17 @@ struct Options {
 
 constexpr int64_t kStreamBytes = int64_t{4} << 20;  // both gradients of a call
 
+// After a row's streamed stores: they are ordered before the stores that follow (the label's
+// entry, written again over one of them). Once a row, not once a block: the fence waits for
+// the lines in flight.
+inline void end_streams(const Options& o) {
+#if FASTRDROP_AVX512
+  if (o.stream) _mm_sfence();
+#else
+  (void)o;
+#endif
+}
+
 struct RowStats {
   float ce1, ce2, kl, m1, m2, log_s1, log_s2, ep, eq, n_present;
   bool ok;       // the loss is finite; else the gradients are NaN
@@ -968,7 +979,6 @@ void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem
     Words<Fmt>::store(dz1, k, m, g1, stream);
     Words<Fmt>::store(dz2, k, m, g2, stream);
   }
-  if (stream) _mm_sfence();  // the streamed lines before the stores that follow
   if (words * L < len) {  // the odd last element of a 16-bit run
     const int64_t at = words * L;
     grads_words<Single<Fmt>, false, kSmoothing, !kCached, kCached>(
@@ -1042,6 +1052,7 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
   } else {
     run(std::false_type{});
   }
+  end_streams(o);
   if (label_local) {
     constexpr int kDegree = Fmt::kExpDegree;
     label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp<kDegree>(label1 - f.m1 - f.log_s1),
@@ -1093,6 +1104,7 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
                                                       cache.e1 + i, cache.e2 + i, s1, s2, fs, 0.0f);
     });
   }
+  end_streams(o);
   if (o.has_target) {
     label_grads<Fmt, false>(dz1, dz2, y, p_y, q_y, label1, label2, label_here, f, o);
   }
