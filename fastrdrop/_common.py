@@ -27,22 +27,12 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def check_args(
-    logits1: Tensor,
-    logits2: Tensor,
-    target: Optional[Tensor],
-    *,
-    alpha: float,
-    ignore_index: int,
-    reduction: str,
-    label_smoothing: float,
-    softcap: Optional[float],
-) -> None:
-    """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync)."""
+def check_args(logits1: Tensor, logits2: Tensor, target: Optional[Tensor], **options) -> None:
+    """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync).
+    ``options`` are check_options' keywords."""
     check_pair("logits1", logits1, "logits2", logits2, last_dim="V", what="the vocabulary")
     check_target(target, logits1.shape[:-1], logits1.device, "logits1", "the vocabulary")
-    check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing, softcap=softcap)
+    check_options(**options)
 
 
 def check_stacked_args(logits: Tensor, target: Optional[Tensor], **options) -> None:
@@ -67,11 +57,17 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_floating(name: str, t: Tensor) -> None:
-    if not isinstance(t, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    _check_strided(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or "
                         f"float64), got dtype {t.dtype}")
+
+
+def _check_strided(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.layout != torch.strided:
+        raise TypeError(f"{name} must be a dense (strided) tensor, got layout {t.layout}")
 
 
 def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
@@ -101,6 +97,7 @@ def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.devi
         return
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
+    _check_strided("target", target)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
     if target.shape != shape:
@@ -111,15 +108,27 @@ def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.devi
             f"target must be on the same device as {name} ({device}), got {target.device}")
 
 
+def int64_labels(target: Optional[Tensor]) -> Optional[Tensor]:
+    """The labels as int64 (the tensor itself when it is), for every comparison with
+    ignore_index and V: in a narrower dtype those numbers wrap (-100 is 156 in uint8)."""
+    return None if target is None else target.long()
+
+
 def check_backend(backend: str) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
 
+FLOAT32 = torch.finfo(torch.float32)
+
+
 def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoothing: float,
-                  softcap: Optional[float]) -> None:
+                  softcap: Optional[float], **flags: bool) -> None:
+    """The keywords; ``flags`` (inplace_backward, return_parts) must be True or False."""
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index must fit in int64, got {ignore_index}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_real("alpha", alpha)
@@ -130,8 +139,12 @@ def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoo
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if softcap is not None:
         _check_real("softcap", softcap)
-        if softcap <= 0:
-            raise ValueError(f"softcap must be None or > 0, got {softcap}")
+        if not FLOAT32.tiny <= softcap <= FLOAT32.max:  # the kernels take it as a float32
+            raise ValueError(f"softcap must be None or > 0, a normal float32 "
+                             f"({FLOAT32.tiny:.4g} to {FLOAT32.max:.4g}), got {softcap}")
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def _check_real(name: str, value: object) -> None:
@@ -150,6 +163,8 @@ _LABEL_CHECK = {"always": os.environ.get("FASTRDROP_CHECK_LABELS", "0") == "1"}
 def set_label_check(enabled: bool) -> None:
     """Check label values on every call, on GPU too, where the check reads the labels back to the
     host: a device-to-host synchronisation per call, and no CUDA-graph capture. For debugging.
+    The ``torch`` backend inside ``torch.compile`` still does not check (no data-dependent
+    branch in a graph).
 
     By default labels are checked where reading them costs nothing: on CPU tensors, except under
     the Triton backend, which follows the GPU rule. Unchecked, a label outside [0, V) that is not

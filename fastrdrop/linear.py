@@ -21,6 +21,7 @@ from ._common import (
     check_options,
     check_pair,
     check_target,
+    int64_labels,
     reduce_rows,
     row_weights,
     token_loss,
@@ -77,10 +78,11 @@ def linear_rdrop_loss(
     _check_weight(weight, bias, hidden1)
     check_target(target, hidden1.shape[:-1], hidden1.device, "hidden1", "the hidden size")
     check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                  label_smoothing=label_smoothing, softcap=softcap)
+                  label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts)
     _check_chunk_size(chunk_size)
     distributed.check_group(vocab_parallel_group)
-    backend = resolve_backend(backend, hidden1)
+    backend = resolve_backend(backend, hidden1, "hidden1")
+    target = int64_labels(target)
 
     batch_shape = hidden1.shape[:-1]
     h1 = hidden1.reshape(-1, hidden1.shape[-1])
@@ -97,7 +99,7 @@ def linear_rdrop_loss(
                None if softcap is None else float(softcap), backend, chunk_size,
                vocab_parallel_group)
     rows, parts = LinearRDropFunction.apply(h1, h2, weight, bias, labels, weights,
-                                            reduction == "none", options)
+                                            reduction == "none", torch.is_grad_enabled(), options)
     loss = rows.reshape(batch_shape) if reduction == "none" else rows
     if return_parts:
         ce1, ce2, kl = (reduce_rows(p, weights, reduction, batch_shape) for p in parts)
@@ -118,7 +120,7 @@ class LinearRDropLoss(nn.Module):
                  backend: str = "auto", vocab_parallel_group=None) -> None:
         super().__init__()
         check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                      label_smoothing=label_smoothing, softcap=softcap)
+                      label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts)
         _check_chunk_size(chunk_size)
         check_backend(backend)
         distributed.check_group(vocab_parallel_group)
@@ -192,10 +194,13 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> Non
 
 class LinearRDropFunction(torch.autograd.Function):
     """(h1 [N, H], h2 [N, H], W [V, H], b [V] | None, target [N] | None, row_weight [N],
-    per_token, options) -> (loss: a scalar, or [N] when per_token; parts [3, N] detached)."""
+    per_token, grad_enabled, options) -> (loss: a scalar, or [N] when per_token; parts [3, N]
+    detached). Without grad_enabled (torch.no_grad) no gradient is made, though the inputs
+    require one: needs_input_grad does not see the grad mode."""
 
     @staticmethod
-    def forward(ctx, hidden1, hidden2, weight, bias, target, row_weight, per_token, options):
+    def forward(ctx, hidden1, hidden2, weight, bias, target, row_weight, per_token, grad_enabled,
+                options):
         alpha = options[0]
         ctx.per_token, ctx.options = per_token, options
         if per_token:  # the gradients wait for the per-token upstream gradient
@@ -203,7 +208,7 @@ class LinearRDropFunction(torch.autograd.Function):
             ctx.save_for_backward(hidden1, hidden2, weight, bias, target, row_weight)
             loss = row_weight * token_loss(parts, alpha)
         else:
-            needs = ctx.needs_input_grad[:4]
+            needs = ctx.needs_input_grad[:4] if grad_enabled else (False,) * 4
             parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target,
                                        row_weight if any(needs) else None, options, needs)
             loss = (row_weight * token_loss(parts, alpha)).sum()
@@ -224,7 +229,7 @@ class LinearRDropFunction(torch.autograd.Function):
             scale = (lambda g: g * grad_loss) if torch.compiler.is_compiling() else (
                 lambda g: g.mul_(grad_loss))
             grads = tuple(None if g is None else scale(g) for g in ops.take_gradients_once(ctx))
-        return (*grads, None, None, None, None)
+        return (*grads, None, None, None, None, None)
 
 
 def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):

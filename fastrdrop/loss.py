@@ -16,6 +16,7 @@ from ._common import (
     check_backend,
     check_options,
     check_stacked_args,
+    int64_labels,
     reduce_rows,
     row_weights,
     stacked_batch_shape,
@@ -44,7 +45,8 @@ def rdrop_loss(
     both logits.
 
     Args:
-        logits1: [..., V] logits of the first pass (fp32, bf16 or fp16; any row stride).
+        logits1: [..., V] logits of the first pass (fp32, bf16 or fp16; any row stride;
+            float64 runs the reference).
         logits2: [..., V] logits of the second pass; same shape, dtype and device as ``logits1``.
         target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
             Another label is a ValueError with the CPU backends; the Triton backend does not
@@ -61,6 +63,7 @@ def rdrop_loss(
             pass, so that no [N, V] gradient buffer is allocated. The logits hold gradients
             afterwards; only ``loss`` carries gradient (the parts are detached). Applies when
             both logits require grad; otherwise the default mode runs and nothing is written.
+            The ``torch`` backend ignores it.
         return_parts: return ``RDropParts(loss, ce1, ce2, kl)``, each reduced like the loss,
             ``kl`` not multiplied by ``alpha``.
         backend: "auto" (Triton on GPU tensors, the native kernel on CPU tensors when built, the
@@ -80,7 +83,8 @@ def rdrop_loss(
     logits1, logits2, target, vocab_parallel_group = distributed.from_dtensor(
         logits1, logits2, target, group=vocab_parallel_group)
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
-               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+               inplace_backward=inplace_backward, return_parts=return_parts)
     distributed.check_group(vocab_parallel_group)
     return _fused(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
@@ -122,7 +126,8 @@ def stacked_rdrop_loss(
     logits, target, vocab_parallel_group = distributed.from_dtensor(
         logits, target, group=vocab_parallel_group)
     check_stacked_args(logits, target, alpha=alpha, ignore_index=ignore_index,
-                       reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+                       reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+                       inplace_backward=inplace_backward, return_parts=return_parts)
     distributed.check_group(vocab_parallel_group)
     return _fused(logits, None, target, alpha=alpha, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
@@ -136,6 +141,7 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     group: the vocabulary is split across its ranks."""
     name1 = "logits1" if logits2 is not None else "logits"
     backend = resolve_backend(backend, logits1, name1)
+    target = int64_labels(target)
     if backend == "torch":
         return reference.rdrop_loss(
             *ops.halves(logits1, logits2), target, alpha=alpha, ignore_index=ignore_index,
@@ -143,6 +149,11 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
             return_parts=return_parts, vocab_parallel_group=group)
 
     batch_shape = logits1.shape[:-1] if logits2 is not None else stacked_batch_shape(logits1)
+    # Gradients are made when the logits take them, in place only then: without, nothing is
+    # written, and the in-place layout rules do not apply.
+    wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
+                  and (logits2 is None or logits2.requires_grad))
+    inplace_backward = inplace_backward and wants_grad
     z1 = _rows(logits1, name1, inplace_backward)
     z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
     if inplace_backward and logits1 is logits2:
@@ -161,18 +172,15 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
     kernel_args = (ignore_index, float(label_smoothing), softcap, backend)
-    # The forward pass also makes the gradients when the logits take one (those without are
-    # never written) and they go into the logits (in place), or else for the loss alone of fp32
-    # or bf16 logits: its gradient is then that of sum_r w_r loss_r for an upstream gradient of
-    # 1, which the backward pass applies where it is not (ops.RDropLossFunction). fp16 logits
-    # are trained with a loss scale, an upstream gradient that is not 1, so theirs wait for the
-    # backward pass, where it is known. Compiled graphs, too, take that path, whose buffers
-    # autograd's tracing sees.
-    wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
-                  and (logits2 is None or logits2.requires_grad))
-    grads_first = wants_grad and (inplace_backward or (
+    # The forward pass also makes the gradients when they go into the logits (in place), or
+    # else for the loss alone of fp32 or bf16 logits: its gradient is then that of
+    # sum_r w_r loss_r for an upstream gradient of 1, which the backward pass applies where it
+    # is not (ops.RDropLossFunction). fp16 logits are trained with a loss scale, an upstream
+    # gradient that is not 1, so theirs wait for the backward pass, where it is known.
+    # Compiled graphs, too, take that path, whose buffers autograd's tracing sees.
+    grads_first = inplace_backward or wants_grad and (
         logits1.dtype != torch.float16 and not return_parts and group is None
-        and not torch.compiler.is_compiling()))
+        and not torch.compiler.is_compiling())
 
     if grads_first:
         weighted_rows, parts = ops.RDropLossFunction.apply(
@@ -207,7 +215,8 @@ class _Keywords(nn.Module):
     ) -> None:
         super().__init__()
         check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
-                      label_smoothing=label_smoothing, softcap=softcap)
+                      label_smoothing=label_smoothing, softcap=softcap,
+                      inplace_backward=inplace_backward, return_parts=return_parts)
         check_backend(backend)
         distributed.check_group(vocab_parallel_group)
         self.alpha = alpha
@@ -302,6 +311,13 @@ def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:
 
 def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
     """[..., V] -> [N, V] with a contiguous last dim: a view whenever the strides allow one."""
+    # The kernels read the storage, not the negated values of such a view (a compiled graph's
+    # inputs have none: Dynamo cannot trace the test)
+    if not torch.compiler.is_compiling() and logits.is_neg():
+        if inplace:
+            raise ValueError(f"{name} must not be a negated view (is_neg()) when "
+                             "inplace_backward=True: its storage holds the other sign")
+        logits = logits.resolve_neg()
     vocab_size = logits.shape[-1]
     viewable = _flattens_to_rows(logits)
     if inplace and not viewable:

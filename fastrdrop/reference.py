@@ -13,7 +13,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import distributed
-from ._common import RDropParts, check_args, check_target_values, reduce_rows, row_weights
+from ._common import (
+    RDropParts,
+    check_args,
+    check_target_values,
+    int64_labels,
+    reduce_rows,
+    row_weights,
+)
 
 
 def rdrop_loss(
@@ -31,14 +38,17 @@ def rdrop_loss(
 ) -> Union[Tensor, RDropParts]:
     """``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``, per token, reduced.
 
-    Same arguments and results as :func:`fastrdrop.rdrop_loss`. Computes in float32 (float64 for
+    The arguments (but ``inplace_backward`` and ``backend``) and results of
+    :func:`fastrdrop.rdrop_loss`. Computes in float32 (float64 for
     float64 logits) whatever the input dtype. With ``vocab_parallel_group`` every rank gathers
     the logits of the whole vocabulary and computes the loss of the whole rows; the gradient of
     its slice is its share (nothing is communicated in the backward pass).
     """
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
-               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap)
+               reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
+               return_parts=return_parts)
     distributed.check_group(vocab_parallel_group)
+    target = int64_labels(target)
     if vocab_parallel_group is not None:
         logits1 = distributed.gather_vocab(logits1, vocab_parallel_group)
         logits2 = distributed.gather_vocab(logits2, vocab_parallel_group)

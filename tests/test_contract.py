@@ -50,8 +50,12 @@ def test_create_graph_works_with_the_reference():
 @pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.int16, torch.int32],
                          ids=str)
 def test_labels_of_any_integer_width(backend, dtype):
-    z1, z2 = logits_pair((4, 100), torch.float32)
-    target = labels((4,), 100, ignored=0.0)
+    # The labels count as int64: V (past int16) and ignore_index (-100, 156 in uint8) do not
+    # wrap to the labels' dtype.
+    vocab = 40_000
+    z1, z2 = logits_pair((4, vocab), torch.float32)
+    top = min(vocab - 1, torch.iinfo(dtype).max)
+    target = torch.tensor([top, 156 % (top + 1), 1, 0], device=z1.device)
     got = fastrdrop.rdrop_loss(z1, z2, target.to(dtype), backend=backend, return_parts=True)
     want = fastrdrop.rdrop_loss(z1, z2, target, backend=backend, return_parts=True)
     for a, b in zip(got, want, strict=True):
@@ -145,3 +149,21 @@ def test_keywords_must_be_finite(backend):
         check(z1, z2, alpha=float("nan"))
     with pytest.raises(ValueError, match="label_smoothing must be finite"):
         check(z1, z2, label_smoothing=float("inf"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_negated_views_are_read_as_their_values(backend):
+    # A view with torch's negative bit holds -values in its storage, which the kernels read.
+    z1, z2 = (z.requires_grad_() for z in logits_pair((3, 50), torch.float32))
+    target = labels((3,), 50)
+    negated = torch._neg_view(-z1)  # the values of z1
+    assert negated.is_neg()
+    got = fastrdrop.rdrop_loss(negated, z2, target, backend=backend)
+    want = fastrdrop.rdrop_loss(z1, z2, target, backend=backend)
+    torch.testing.assert_close(got, want)
+    for g, w in zip(torch.autograd.grad(got, (z1, z2)), torch.autograd.grad(want, (z1, z2)),
+                    strict=True):
+        torch.testing.assert_close(g, w)
+    if backend != "torch":
+        with pytest.raises(ValueError, match="logits1 must not be a negated view"):
+            fastrdrop.rdrop_loss(negated, z2 * 1, target, backend=backend, inplace_backward=True)

@@ -50,6 +50,17 @@ BAD_INPUTS = [
     ("zero softcap", lambda a: a.update(softcap=0.0), ValueError, "softcap"),
     ("ignore_index float", lambda a: a.update(ignore_index=-100.0), TypeError, "ignore_index"),
     ("unknown backend", lambda a: a.update(backend="cuda"), ValueError, "backend"),
+    ("sparse logits", lambda a: a.update(logits1=a["logits1"].detach().to_sparse()), TypeError,
+     "logits1 must be a dense (strided) tensor"),
+    ("sparse target", lambda a: a.update(target=a["target"].to_sparse()), TypeError,
+     "target must be a dense (strided) tensor"),
+    ("ignore_index past int64", lambda a: a.update(ignore_index=2**63), ValueError,
+     "ignore_index must fit in int64"),
+    ("softcap of 0 in float32", lambda a: a.update(softcap=1e-50), ValueError, "softcap"),
+    ("inplace_backward a string", lambda a: a.update(inplace_backward="False"), TypeError,
+     "inplace_backward must be True or False"),
+    ("return_parts a string", lambda a: a.update(return_parts="no"), TypeError,
+     "return_parts must be True or False"),
 ]
 
 
@@ -75,12 +86,14 @@ def test_bad_input(case, inplace, backend, request):
     args = dict(call_args(), backend=backend, inplace_backward=inplace)
     change(args)
     _check_labels(name, args, backend, request)
-    before = {k: v.detach().clone() for k, v in args.items() if isinstance(v, torch.Tensor)}
+    before = {k: v.detach().to_dense().clone() for k, v in args.items()
+              if isinstance(v, torch.Tensor)}
     with pytest.raises(error) as info:
         fastrdrop.rdrop_loss(**args)
     assert words in str(info.value)
     for name, value in before.items():
-        assert torch.equal(args[name].detach(), value), f"{name} changed by a failed call"
+        assert torch.equal(args[name].detach().to_dense(), value), \
+            f"{name} changed by a failed call"
 
 
 @pytest.mark.parametrize("case", BAD_INPUTS[:11], ids=[c[0] for c in BAD_INPUTS[:11]])

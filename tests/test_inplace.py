@@ -226,6 +226,29 @@ def test_inplace_rejects_what_it_cannot_write(backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_without_grad_writes_nothing_and_refuses_nothing(backend):
+    # Nothing is written without grad, so the in-place rules on layout do not apply: an eval
+    # loop keeps the module of its training loop.
+    z = torch.cat(logits_pair((4, 5, 300), torch.float32))
+    target = labels((4, 4), 300)
+    rows = (slice(None), slice(0, 4))  # [8, 4, 300] of [8, 5, 300]: not one stride per row
+    want = fastrdrop.stacked_rdrop_loss(z[rows], target, backend=backend)
+    kept, leaf = z.clone(), z.clone().requires_grad_()
+    with torch.no_grad():
+        no_grad = fastrdrop.stacked_rdrop_loss(leaf[rows], target, backend=backend,
+                                               inplace_backward=True)
+        one = z[:4, :4]
+        same = fastrdrop.rdrop_loss(one, one, target, backend=backend, inplace_backward=True)
+    no_requires_grad = fastrdrop.stacked_rdrop_loss(z[rows], target, backend=backend,
+                                                    inplace_backward=True)
+    assert torch.equal(no_grad, want) and torch.equal(no_requires_grad, want)
+    assert torch.equal(same, fastrdrop.rdrop_loss(one, one.clone(), target, backend=backend))
+    assert torch.equal(leaf.detach(), kept) and torch.equal(z, kept)
+    with pytest.raises(ValueError, match="logits must be viewable as"):  # with grad: refused
+        fastrdrop.stacked_rdrop_loss(leaf[rows], target, backend=backend, inplace_backward=True)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_second_backward_is_refused(backend):
     # The gradients were made in the forward pass and are scaled in place: they serve once.
     z1, z2 = (z.requires_grad_() for z in logits_pair((3, 200), torch.float32))

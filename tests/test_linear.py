@@ -131,6 +131,22 @@ def test_frozen_weight_skips_its_gradient(backend, monkeypatch):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_no_gradient_without_grad(backend, monkeypatch):
+    # torch.no_grad (an eval loop): the loss alone, though the inputs require grad
+    def fail(*args):
+        raise AssertionError("gradients computed under torch.no_grad")
+
+    monkeypatch.setattr(linear, "_gradients_into_logits", fail)
+    (h1, h2, w, _), _ = linear_inputs(torch.float32, False, False)
+    target = labels((N,), V)
+    with torch.no_grad():
+        loss = fastrdrop.linear_rdrop_loss(*(t.requires_grad_() for t in (h1, h2, w)), target,
+                                           backend=backend, chunk_size=16)
+    want = reference.rdrop_loss(h1 @ w.t(), h2 @ w.t(), target)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_parts_and_module(backend):
     tensors, _ = linear_inputs(torch.float32, True, False)
     h1, h2, w, b = tensors
@@ -153,6 +169,10 @@ def test_parts_and_module(backend):
     (lambda a: a.update(target=a["target"][:-1]), ValueError, "target must have shape"),
     (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
     (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
+    (lambda a: a.update(return_parts=1), TypeError, "return_parts must be True or False"),
+    (lambda a: a.update(backend="triton", **{k: a[k].double()
+                                             for k in ("hidden1", "hidden2", "weight")}),
+     TypeError, "hidden1 must be float32"),
 ])
 def test_bad_input(change, error, words):
     (h1, h2, w, _), _ = linear_inputs(torch.float32, False, False)
