@@ -44,11 +44,12 @@ PRESETS = {
 }
 
 
-def parse_args():
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--preset", choices=list(PRESETS), help="a named set of the options below")
+    parser.add_argument("--preset", choices=list(PRESETS),
+                        help="a named set of the options below; those given with it win")
     parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
     parser.add_argument("--hidden", type=int, nargs="+", default=[],
@@ -65,21 +66,20 @@ def parse_args():
     parser.add_argument("--worlds", type=int, nargs="+",
                         help="gloo ranks: run the vocabulary-parallel loss on each number of "
                              "ranks instead of the providers (see cpu-vocab-parallel)")
-    args = parser.parse_args()
-    for key, value in PRESETS.get(args.preset, {}).items():
-        setattr(args, key, value)
-    return args
+    preset = parser.parse_args(argv).preset
+    parser.set_defaults(**PRESETS.get(preset, {}))
+    return parser.parse_args(argv)
 
 
 def case_groups(args, device):
-    """Lists of cases that share sizes, dtype and provider (one per mode): one process each."""
+    """Lists of cases that share sizes, dtype and provider (one per mode): one process each.
+    Sizes or dtypes given pick a slice of the device's grid: the axes not given keep its values."""
+    grid = GPU_GRID if device.type == "cuda" else CPU_GRID
     if args.tokens or args.vocab or args.dtypes:
-        grids = [dict(tokens=args.tokens or [256], vocab=args.vocab or [32000],
-                      dtypes=args.dtypes or ["float32"])]
-    elif device.type == "cuda":
-        grids = [GPU_GRID, GPU_FP32]
+        grids = [dict(tokens=args.tokens or grid["tokens"], vocab=args.vocab or grid["vocab"],
+                      dtypes=args.dtypes or grid["dtypes"])]
     else:
-        grids = [CPU_GRID]
+        grids = [GPU_GRID, GPU_FP32] if device.type == "cuda" else [CPU_GRID]
     for grid in grids:
         for n, v, dtype in itertools.product(grid["tokens"], grid["vocab"], grid["dtypes"]):
             for provider in args.providers:

@@ -1,7 +1,7 @@
 """The benchmark harness measures what its table says: every case is timed before any memory is
 measured (on CPU that measurement makes glibc hand out fresh pages from then on), and the CPU
 peak memory of a fwd+bwd call is the gradient it returns, or twice that where autograd assembles
-it from two halves."""
+it from two halves. The options say which cases run."""
 
 import dataclasses
 
@@ -10,6 +10,7 @@ import torch
 
 from fastrdrop import _native
 
+from benchmarks import __main__ as runner
 from benchmarks import measure
 from benchmarks.measure import Case
 
@@ -84,3 +85,18 @@ def test_the_cpu_is_named_by_generation(tmp_path, model_name, expected):
     cpuinfo.write_text(f"processor\t: 0\ncpu family\t: 26\nmodel\t\t: 2\n"
                        f"model name\t: {model_name}\n\nprocessor\t: 1\ncpu family\t: 25\n")
     assert measure.cpu_name(str(cpuinfo)) == expected
+
+
+def test_options_given_with_a_preset_win():
+    args = runner.parse_args(["--preset", "cpu-vocab-parallel", "--worlds", "2", "--tokens", "64"])
+    assert (args.worlds, args.tokens, args.vocab) == ([2], [64], [131072])
+
+
+@pytest.mark.parametrize("device, sizes", [
+    ("cuda", {(4096, v, "bfloat16") for v in runner.GPU_GRID["vocab"]}),
+    ("cpu", {(4096, v, d) for v in runner.CPU_GRID["vocab"] for d in runner.CPU_GRID["dtypes"]}),
+])
+def test_a_slice_of_the_grid_keeps_its_other_axes(device, sizes):
+    # a short GPU lease runs the grid a slice at a time
+    groups = runner.case_groups(runner.parse_args(["--tokens", "4096"]), torch.device(device))
+    assert {(g[0].n_tokens, g[0].vocab_size, g[0].dtype) for g in groups} == sizes
