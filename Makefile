@@ -8,7 +8,7 @@ TRITON_SPEC ?= triton==3.9.0
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.installed
 
-.PHONY: help install test lint bench codegen gpu-check clean
+.PHONY: help install test lint bench codegen gpu-check gpu-short clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "} {printf "  %-10s %s\n", $$1, $$2}'
@@ -41,6 +41,17 @@ gpu-check:  ## install into the current Python, run the tests on CUDA, then the 
 	$(PYTHON) -m benchmarks --preset gpu-quick
 	$(PYTHON) -m benchmarks --preset gpu-linear
 	$(PYTHON) -m benchmarks
+
+# The kernels' own test files, which run in a few minutes on a GPU
+KERNEL_TESTS := tests/test_fused.py tests/test_stacked.py tests/test_inplace.py \
+                tests/test_nonfinite.py tests/test_sync.py tests/test_buffers.py
+
+gpu-short:  ## one 10-minute GPU call: kernel tests (5 min at most), gpu-quick, stacked rows
+	$(PYTHON) -m pip install --quiet --no-build-isolation --no-deps .
+	-timeout 300 $(PYTHON) -m pytest -q -p no:cacheprovider $(KERNEL_TESTS)
+	$(PYTHON) -m benchmarks --preset gpu-quick
+	$(PYTHON) -m benchmarks --tokens 8192 --vocab 32000 262144 --modes fwd+bwd \
+	    --providers fastrdrop fastrdrop-stacked fastrdrop-stacked-inplace fastrdrop-pair
 
 clean:  ## remove the virtual environment and build outputs
 	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis

@@ -61,7 +61,7 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
-                        "<device>-<date>)")
+                        "<device>-<date>, then the preset and the sizes given)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--worlds", type=int, nargs="+",
                         help="gloo ranks: run the vocabulary-parallel loss on each number of "
@@ -153,10 +153,21 @@ def main_vocab_parallel(args, env, repeats):
 
 
 def _out_folder(args, env):
-    name = f"{_slug(env['device'])}-{env['date'][:10]}" + (f"-{args.preset}" if args.preset else "")
-    out = args.out or Path(__file__).parent / "results" / name
+    out = args.out or Path(__file__).parent / "results" / results_name(args, env)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+def results_name(args, env) -> str:
+    """<device>-<date>, then the preset and the sizes and dtypes given beyond it: a slice of the
+    grid gets a folder of its own instead of overwriting the day's run."""
+    preset = PRESETS.get(args.preset, {})
+    name = [_slug(env["device"]), env["date"][:10], *([args.preset] if args.preset else [])]
+    for key, tag in (("tokens", "n"), ("vocab", "v"), ("dtypes", "")):
+        values = getattr(args, key)
+        if values and values != preset.get(key):
+            name.append(tag + "-".join(map(str, values)))
+    return "-".join(name)
 
 
 def _slug(name):

@@ -100,3 +100,14 @@ def test_a_slice_of_the_grid_keeps_its_other_axes(device, sizes):
     # a short GPU lease runs the grid a slice at a time
     groups = runner.case_groups(runner.parse_args(["--tokens", "4096"]), torch.device(device))
     assert {(g[0].n_tokens, g[0].vocab_size, g[0].dtype) for g in groups} == sizes
+
+
+@pytest.mark.parametrize("argv, name", [
+    ([], "h200-2026-12-06"),
+    (["--preset", "gpu-quick"], "h200-2026-12-06-gpu-quick"),
+    (["--tokens", "8192", "--vocab", "32000", "262144"], "h200-2026-12-06-n8192-v32000-262144"),
+    (["--preset", "cpu-native", "--dtypes", "bfloat16"], "h200-2026-12-06-cpu-native-bfloat16"),
+])
+def test_a_slice_gets_a_folder_of_its_own(argv, name):
+    env = dict(device="H200", date="2026-12-06T03:00")
+    assert runner.results_name(runner.parse_args(argv), env) == name
