@@ -57,13 +57,13 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _check_floating(name: str, t: Tensor) -> None:
-    _check_strided(name, t)
+    check_strided(name, t)
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16 or "
                         f"float64), got dtype {t.dtype}")
 
 
-def _check_strided(name: str, t: Tensor) -> None:
+def check_strided(name: str, t: Tensor) -> None:
     if not isinstance(t, Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if t.layout != torch.strided:
@@ -97,7 +97,7 @@ def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.devi
         return
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor or None, got {type(target).__name__}")
-    _check_strided("target", target)
+    check_strided("target", target)
     if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
         raise TypeError(f"target must be an integer tensor of labels, got dtype {target.dtype}")
     if target.shape != shape:

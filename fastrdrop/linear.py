@@ -20,6 +20,7 @@ from ._common import (
     check_backend,
     check_options,
     check_pair,
+    check_strided,
     check_target,
     int64_labels,
     reduce_rows,
@@ -173,8 +174,7 @@ def _check_chunk_size(chunk_size) -> None:
 
 def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> None:
     hidden_size = hidden.shape[-1]
-    if not isinstance(weight, Tensor):
-        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    check_strided("weight", weight)
     if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] == 0:
         raise ValueError(f"weight must have shape [V, H={hidden_size}] with V >= 1, got "
                          f"{list(weight.shape)}")
@@ -184,6 +184,7 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> Non
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
+        check_strided("bias", bias)
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape [V={weight.shape[0]}], got "
                              f"{list(bias.shape)}")

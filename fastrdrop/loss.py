@@ -46,7 +46,7 @@ def rdrop_loss(
 
     Args:
         logits1: [..., V] logits of the first pass (fp32, bf16 or fp16; any row stride;
-            float64 runs the reference).
+            float64 with the ``"auto"`` or ``"torch"`` backend runs the reference).
         logits2: [..., V] logits of the second pass; same shape, dtype and device as ``logits1``.
         target: [...] integer labels in [0, V) or ``ignore_index``; None for the KL term alone.
             Another label is a ValueError with the CPU backends; the Triton backend does not
@@ -62,7 +62,8 @@ def rdrop_loss(
         inplace_backward: overwrite the logits' storage with their gradients during the forward
             pass, so that no [N, V] gradient buffer is allocated. The logits hold gradients
             afterwards; only ``loss`` carries gradient (the parts are detached). Applies when
-            both logits require grad; otherwise the default mode runs and nothing is written.
+            both logits require grad and grad mode is on; otherwise the default mode runs and
+            nothing is written.
             The ``torch`` backend ignores it.
         return_parts: return ``RDropParts(loss, ce1, ce2, kl)``, each reduced like the loss,
             ``kl`` not multiplied by ``alpha``.
@@ -178,9 +179,9 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     # is not (ops.RDropLossFunction). fp16 logits are trained with a loss scale, an upstream
     # gradient that is not 1, so theirs wait for the backward pass, where it is known.
     # Compiled graphs, too, take that path, whose buffers autograd's tracing sees.
-    grads_first = inplace_backward or wants_grad and (
+    grads_first = inplace_backward or (wants_grad and (
         logits1.dtype != torch.float16 and not return_parts and group is None
-        and not torch.compiler.is_compiling())
+        and not torch.compiler.is_compiling()))
 
     if grads_first:
         weighted_rows, parts = ops.RDropLossFunction.apply(
@@ -311,8 +312,9 @@ def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:
 
 def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
     """[..., V] -> [N, V] with a contiguous last dim: a view whenever the strides allow one."""
-    # The kernels read the storage, not the negated values of such a view (a compiled graph's
-    # inputs have none: Dynamo cannot trace the test)
+    # The kernels read the storage, not the negated values of such a view. Dynamo cannot trace
+    # the test; compiled graphs read such an input's storage whatever op takes it (a torch
+    # limitation: torch.compile(lambda a: a.sum()) does too).
     if not torch.compiler.is_compiling() and logits.is_neg():
         if inplace:
             raise ValueError(f"{name} must not be a negated view (is_neg()) when "

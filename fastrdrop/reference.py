@@ -38,7 +38,7 @@ def rdrop_loss(
 ) -> Union[Tensor, RDropParts]:
     """``CE(z1, y) + CE(z2, y) + alpha * 1/2 * (KL(p1 || p2) + KL(p2 || p1))``, per token, reduced.
 
-    The arguments (but ``inplace_backward`` and ``backend``) and results of
+    The arguments (except ``inplace_backward`` and ``backend``) and results of
     :func:`fastrdrop.rdrop_loss`. Computes in float32 (float64 for
     float64 logits) whatever the input dtype. With ``vocab_parallel_group`` every rank gathers
     the logits of the whole vocabulary and computes the loss of the whole rows; the gradient of
@@ -95,7 +95,7 @@ def rdrop_loss(
     if target is None:
         ce1 = ce2 = torch.zeros_like(kl)
     else:
-        labels = target.reshape(-1).long()  # any integer dtype: nll_loss and gather take int64
+        labels = target.reshape(-1)
         counted = labels != ignore_index
         # An unchecked label outside [0, V) (on GPU, see fastrdrop.set_label_check) is not read:
         # its token's parts, and through them its gradients, are NaN.

@@ -3,6 +3,7 @@ second-order gradients, labels of any integer width, empty and meta batches, fp8
 keywords checked at construction, and exported modules' backward."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -55,7 +56,8 @@ def test_labels_of_any_integer_width(backend, dtype):
     vocab = 40_000
     z1, z2 = logits_pair((4, vocab), torch.float32)
     top = min(vocab - 1, torch.iinfo(dtype).max)
-    target = torch.tensor([top, 156 % (top + 1), 1, 0], device=z1.device)
+    ignored = -100 if dtype.is_signed else 0
+    target = torch.tensor([top, 156 % (top + 1), 1, ignored], device=z1.device)
     got = fastrdrop.rdrop_loss(z1, z2, target.to(dtype), backend=backend, return_parts=True)
     want = fastrdrop.rdrop_loss(z1, z2, target, backend=backend, return_parts=True)
     for a, b in zip(got, want, strict=True):
@@ -103,7 +105,7 @@ def test_fp8_logits_are_a_type_error():
     ("alpha", -1.0, ValueError), ("reduction", "avg", ValueError),
     ("label_smoothing", 1.5, ValueError), ("ignore_index", 1.0, TypeError),
     ("softcap", 0.0, ValueError), ("backend", "cuda", ValueError),
-    ("vocab_parallel_group", "world", TypeError),
+    ("vocab_parallel_group", "world", TypeError), ("return_parts", 1, TypeError),
 ])
 def test_modules_check_their_keywords_at_construction(module, keyword, value, error):
     with pytest.raises(error, match=keyword):
@@ -149,6 +151,21 @@ def test_keywords_must_be_finite(backend):
         check(z1, z2, alpha=float("nan"))
     with pytest.raises(ValueError, match="label_smoothing must be finite"):
         check(z1, z2, label_smoothing=float("inf"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_is_a_normal_float32(backend):
+    # The kernels take it as a float32, where 1e-50 is 0 (no softcap) and 1e39 is inf.
+    z1, z2 = logits_pair((4, 20), torch.float32)
+    target = labels((4,), 20)
+    for value in (1e-50, 1e39):
+        with pytest.raises(ValueError, match="softcap must be None or > 0, a normal float32"):
+            fastrdrop.rdrop_loss(z1, z2, target, softcap=value, backend=backend)
+    # the smallest: every logit becomes +-1.2e-38, both distributions uniform
+    loss = fastrdrop.rdrop_loss(z1, z2, target, softcap=torch.finfo(torch.float32).tiny,
+                                backend=backend, reduction="none")
+    want = torch.where(target != -100, 2 * math.log(20), 0.0)
+    torch.testing.assert_close(loss, want.to(loss.device))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

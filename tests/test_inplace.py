@@ -234,10 +234,10 @@ def test_inplace_without_grad_writes_nothing_and_refuses_nothing(backend):
     rows = (slice(None), slice(0, 4))  # [8, 4, 300] of [8, 5, 300]: not one stride per row
     want = fastrdrop.stacked_rdrop_loss(z[rows], target, backend=backend)
     kept, leaf = z.clone(), z.clone().requires_grad_()
+    one = leaf[:4, :4]  # requires grad
     with torch.no_grad():
         no_grad = fastrdrop.stacked_rdrop_loss(leaf[rows], target, backend=backend,
                                                inplace_backward=True)
-        one = z[:4, :4]
         same = fastrdrop.rdrop_loss(one, one, target, backend=backend, inplace_backward=True)
     no_requires_grad = fastrdrop.stacked_rdrop_loss(z[rows], target, backend=backend,
                                                     inplace_backward=True)

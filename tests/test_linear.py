@@ -115,13 +115,18 @@ def test_chunk_size_rule(monkeypatch):
         (1 << 30) // 4 // per_row)
 
 
+def forbid(monkeypatch, name, what):
+    """A call of linear.<name> fails the test, saying ``what`` happened."""
+    def fail(*args):
+        raise AssertionError(what)
+
+    monkeypatch.setattr(linear, name, fail)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frozen_weight_skips_its_gradient(backend, monkeypatch):
     # No weight gradient is computed at all when the head is frozen (LoRA fine-tuning).
-    def fail(*args):
-        raise AssertionError("weight gradient computed for a frozen weight")
-
-    monkeypatch.setattr(linear, "_add_matmul_", fail)
+    forbid(monkeypatch, "_add_matmul_", "weight gradient computed for a frozen weight")
     (h1, h2, w, _), _ = linear_inputs(torch.float32, False, True)
     h1.requires_grad_()
     loss = fastrdrop.linear_rdrop_loss(h1, h2, w, labels((N,), V), backend=backend,
@@ -133,10 +138,7 @@ def test_frozen_weight_skips_its_gradient(backend, monkeypatch):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_no_gradient_without_grad(backend, monkeypatch):
     # torch.no_grad (an eval loop): the loss alone, though the inputs require grad
-    def fail(*args):
-        raise AssertionError("gradients computed under torch.no_grad")
-
-    monkeypatch.setattr(linear, "_gradients_into_logits", fail)
+    forbid(monkeypatch, "_gradients_into_logits", "gradients computed under torch.no_grad")
     (h1, h2, w, _), _ = linear_inputs(torch.float32, False, False)
     target = labels((N,), V)
     with torch.no_grad():
@@ -170,6 +172,8 @@ def test_parts_and_module(backend):
     (lambda a: a.update(chunk_size=0), ValueError, "chunk_size"),
     (lambda a: a.update(reduction="avg"), ValueError, "reduction"),
     (lambda a: a.update(return_parts=1), TypeError, "return_parts must be True or False"),
+    (lambda a: a.update(weight=a["weight"].to_sparse()), TypeError, "weight must be a dense"),
+    (lambda a: a.update(bias=torch.zeros(V).to_sparse()), TypeError, "bias must be a dense"),
     (lambda a: a.update(backend="triton", **{k: a[k].double()
                                              for k in ("hidden1", "hidden2", "weight")}),
      TypeError, "hidden1 must be float32"),
