@@ -1,7 +1,8 @@
 """Benchmark runner: ``python -m benchmarks`` (what ``make bench`` runs).
 
 Sweeps sizes x providers x {fwd, fwd+bwd} on one device, prints a table and writes
-``results.json``, ``results.md`` and PNG plots into ``benchmarks/results/<device>-<date>/``.
+``results.json``, ``results.md`` and PNG plots into ``benchmarks/results/<device>-<date>/``
+(then the preset, and the options given beyond it: a slice of the grid keeps a folder of its own).
 On CPU each provider and size runs in its own process, so that its peak resident memory is its
 own.
 """
@@ -44,6 +45,11 @@ PRESETS = {
 }
 
 
+# What the folder name leaves out (see results_name); the sizes and dtypes default per device.
+DEFAULTS = dict(tokens=None, vocab=None, dtypes=None, hidden=[], providers=list(PROVIDERS),
+                modes=list(MODES), worlds=None)
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -52,16 +58,16 @@ def parse_args(argv=None):
                         help="a named set of the options below; those given with it win")
     parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
     parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=[],
+    parser.add_argument("--hidden", type=int, nargs="+", default=DEFAULTS["hidden"],
                         help="H values for the linear providers (default: none)")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
-                        default=list(PROVIDERS))
-    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
+                        default=DEFAULTS["providers"])
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULTS["modes"])
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
-                        "<device>-<date>, then the preset and the sizes given)")
+                        "<device>-<date>, then the preset and the options given beyond it)")
     parser.add_argument("--no-plots", action="store_true")
     parser.add_argument("--worlds", type=int, nargs="+",
                         help="gloo ranks: run the vocabulary-parallel loss on each number of "
@@ -159,14 +165,16 @@ def _out_folder(args, env):
 
 
 def results_name(args, env) -> str:
-    """<device>-<date>, then the preset and the sizes and dtypes given beyond it: a slice of the
-    grid gets a folder of its own instead of overwriting the day's run."""
+    """<device>-<date>, then the preset and the options given beyond it (sizes, dtypes,
+    providers, modes, ranks): a slice of the grid gets a folder of its own instead of
+    overwriting the day's run."""
     preset = PRESETS.get(args.preset, {})
     name = [_slug(env["device"]), env["date"][:10], *([args.preset] if args.preset else [])]
-    for key, tag in (("tokens", "n"), ("vocab", "v"), ("dtypes", "")):
+    for key, tag in (("tokens", "n"), ("vocab", "v"), ("hidden", "h"), ("dtypes", ""),
+                     ("providers", ""), ("modes", ""), ("worlds", "w")):
         values = getattr(args, key)
-        if values and values != preset.get(key):
-            name.append(tag + "-".join(map(str, values)))
+        if values != preset.get(key, DEFAULTS[key]):
+            name.append(_slug(tag + "-".join(map(str, values))))
     return "-".join(name)
 
 

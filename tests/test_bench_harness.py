@@ -107,6 +107,9 @@ def test_a_slice_of_the_grid_keeps_its_other_axes(device, sizes):
     (["--preset", "gpu-quick"], "h200-2026-12-06-gpu-quick"),
     (["--tokens", "8192", "--vocab", "32000", "262144"], "h200-2026-12-06-n8192-v32000-262144"),
     (["--preset", "cpu-native", "--dtypes", "bfloat16"], "h200-2026-12-06-cpu-native-bfloat16"),
+    (["--vocab", "32000", "--providers", "fastrdrop", "fastrdrop-pair", "--modes", "fwd+bwd"],
+     "h200-2026-12-06-v32000-fastrdrop-fastrdrop-pair-fwd-bwd"),
+    (["--preset", "cpu-vocab-parallel", "--worlds", "2"], "h200-2026-12-06-cpu-vocab-parallel-w2"),
 ])
 def test_a_slice_gets_a_folder_of_its_own(argv, name):
     env = dict(device="H200", date="2026-12-06T03:00")
