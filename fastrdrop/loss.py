@@ -63,8 +63,7 @@ def rdrop_loss(
             pass, so that no [N, V] gradient buffer is allocated. The logits hold gradients
             afterwards; only ``loss`` carries gradient (the parts are detached). Applies when
             both logits require grad and grad mode is on; otherwise the default mode runs and
-            nothing is written.
-            The ``torch`` backend ignores it.
+            nothing is written. The ``torch`` backend ignores it.
         return_parts: return ``RDropParts(loss, ce1, ce2, kl)``, each reduced like the loss,
             ``kl`` not multiplied by ``alpha``.
         backend: "auto" (Triton on GPU tensors, the native kernel on CPU tensors when built, the
