@@ -319,6 +319,8 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
             raise ValueError(f"{name} must not be a negated view (is_neg()) when "
                              "inplace_backward=True: its storage holds the other sign")
         logits = logits.resolve_neg()
+    if logits.dim() == 2 and logits.stride(1) == 1:
+        return logits  # rows already: no view, and no node of one in the backward pass
     vocab_size = logits.shape[-1]
     viewable = _flattens_to_rows(logits)
     if inplace and not viewable:

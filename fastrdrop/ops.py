@@ -555,6 +555,7 @@ class RDropLossFunction(torch.autograd.Function):
             ctx.recompute = (alpha, kernel_args)
         ctx.backend = backend
         ctx.mark_non_differentiable(parts)
+        ctx.set_materialize_grads(False)  # the backward pass takes no gradient of the parts
         return row_weight * token_loss(parts, alpha), parts
 
     @staticmethod
