@@ -1,6 +1,8 @@
-"""fastrdrop.integrations.transformers on a tiny Llama built from a config (nothing downloaded):
+"""fastrdrop.integrations.transformers on tiny models built from configs (nothing downloaded):
 the loss and every parameter gradient against "model on [x; x] -> logits -> reference", with
-and without PEFT LoRA; RDropTrainer's gradient accumulation; torch.compile."""
+and without PEFT LoRA and prompt tuning; models whose logits are not lm_head(hidden states);
+a mixture of experts' router loss; RDropTrainer's gradient accumulation, label smoothing and
+logs; torch.compile."""
 
 import warnings
 
@@ -11,6 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import fastrdrop  # noqa: E402
 from fastrdrop.integrations.transformers import (  # noqa: E402
+    HeadNotFusedWarning,
     NoDropoutWarning,
     RDropTrainer,
     _both_passes,
@@ -124,6 +127,98 @@ def test_final_logit_softcap_of_the_config():
     torch.testing.assert_close(parts.loss, expected.detach(), rtol=1e-5, atol=1e-6)
 
 
+def reference_of_logits(model, input_ids, attention_mask, labels, alpha):
+    logits = model(input_ids=torch.cat([input_ids, input_ids]),
+                   attention_mask=torch.cat([attention_mask, attention_mask])).logits
+    n = len(input_ids)
+    return fastrdrop.reference.rdrop_loss(logits[:n, :-1], logits[n:, :-1], labels[:, 1:],
+                                          alpha=alpha, return_parts=True)
+
+
+def granite_scaled():  # its logits are lm_head(hidden) / logits_scaling
+    torch.manual_seed(0)
+    return transformers.GraniteForCausalLM(transformers.GraniteConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        logits_scaling=8.0, attention_dropout=0.2)).train()
+
+
+def roberta_decoder():  # its lm_head follows a dense layer, an activation and a norm
+    torch.manual_seed(0)
+    return transformers.RobertaForCausalLM(transformers.RobertaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=64, is_decoder=True,
+        hidden_dropout_prob=0.2)).train()
+
+
+@pytest.mark.parametrize("make", [granite_scaled, roberta_decoder])
+def test_logits_that_are_not_the_head_of_the_hidden_states(make):
+    # The fused linear loss would compute lm_head(hidden) and miss the scale or the transform:
+    # the first call finds out from one position's logits, warns, and takes the model's logits,
+    # then and on every later call.
+    model = make()
+    input_ids, attention_mask, labels = batch()
+    calls = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            torch.manual_seed(1)
+            calls.append(rdrop_causal_lm_loss(model, input_ids, attention_mask, labels,
+                                              alpha=0.7))
+    assert sum(w.category is HeadNotFusedWarning for w in caught) == 1
+
+    torch.manual_seed(1)
+    with torch.no_grad():  # the first call's forward that found it, whose dropout masks it drew
+        model(input_ids=torch.cat([input_ids, input_ids]), output_hidden_states=True,
+              attention_mask=torch.cat([attention_mask, attention_mask]), logits_to_keep=1)
+    first = reference_of_logits(model, input_ids, attention_mask, labels, alpha=0.7)
+    torch.manual_seed(1)
+    later = reference_of_logits(model, input_ids, attention_mask, labels, alpha=0.7)
+    assert later.kl > 0
+    for got, want in ((calls[0], first), (calls[1], later)):
+        for part, expected in zip(got, want, strict=True):
+            torch.testing.assert_close(part, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_router_loss_of_a_mixture_of_experts():
+    # Mixtral adds router_aux_loss_coef * aux_loss to its loss when it is given the labels; R-Drop
+    # adds it to ce1 + ce2 + alpha kl (the router loss of the batch's two passes).
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        num_local_experts=4, num_experts_per_tok=2, output_router_logits=True,
+        router_aux_loss_coef=0.5, attention_dropout=0.2)).train()
+    input_ids, attention_mask, labels = batch()
+    torch.manual_seed(1)
+    parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, alpha=0.7)
+    torch.manual_seed(1)
+    aux_loss = model(input_ids=torch.cat([input_ids, input_ids]),
+                     attention_mask=torch.cat([attention_mask, attention_mask])).aux_loss
+    assert aux_loss > 0
+    expected = parts.ce1 + parts.ce2 + 0.7 * parts.kl + 0.5 * aux_loss
+    torch.testing.assert_close(parts.loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_prompt_tuning_virtual_tokens():
+    # PEFT's prompt tuning puts its virtual tokens before the batch's: the loss is over the
+    # batch's positions
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    model = peft.get_peft_model(tiny_llama(), config)
+    input_ids, attention_mask, labels = batch()
+    torch.manual_seed(1)
+    parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, alpha=0.7)
+    torch.manual_seed(1)
+    logits = model(input_ids=torch.cat([input_ids, input_ids]),
+                   attention_mask=torch.cat([attention_mask, attention_mask])).logits[:, 4:]
+    expected = fastrdrop.reference.rdrop_loss(logits[:3, :-1], logits[3:, :-1], labels[:, 1:],
+                                              alpha=0.7, return_parts=True)
+    assert expected.kl > 0
+    for got, want in zip(parts, expected, strict=True):
+        torch.testing.assert_close(got, want.detach(), rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(("attention_dropout", "lora_dropout", "training", "warns"), [
     (0.0, None, True, True),    # a stock Llama config: no dropout anywhere
     (0.1, None, True, False),   # the config's attention dropout (applied with no module)
@@ -180,6 +275,48 @@ def test_trainer_gradient_accumulation(tmp_path):
                                    msg=f"parameter {name}")
     assert {"ce", "kl"} <= log_4x1.keys()
     assert log_4x1["ce"] == pytest.approx(log_1x4["ce"], rel=1e-4)
+
+
+def trainer_args(tmp_path, **kwargs):
+    return transformers.TrainingArguments(
+        output_dir=str(tmp_path), learning_rate=1e-3, lr_scheduler_type="constant", report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0, **kwargs)
+
+
+@no_dropout_on_purpose
+def test_trainer_label_smoothing_factor(tmp_path):
+    # TrainingArguments' label smoothing, which the base class's evaluation loss applies, is the
+    # training loss's too; rdrop_kwargs' own wins
+    model = tiny_llama(dropout=0.0)
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    args = trainer_args(tmp_path, label_smoothing_factor=0.3)
+    for rdrop_kwargs, smoothing in (({}, 0.3), ({"label_smoothing": 0.1}, 0.1)):
+        trainer = RDropTrainer(model=model, args=args, rdrop_alpha=0.7, rdrop_kwargs=rdrop_kwargs)
+        expected = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, alpha=0.7,
+                                        label_smoothing=smoothing)
+        torch.testing.assert_close(trainer.compute_loss(model, inputs), expected.loss,
+                                   rtol=1e-6, atol=1e-6)
+
+
+@no_dropout_on_purpose
+def test_trainer_logs_of_a_resumed_run(tmp_path):
+    # ce and kl are logged as means over the steps since the last log: a run resumed from a
+    # checkpoint logs what the uninterrupted run logs
+    torch.manual_seed(0)
+    data = [dict(input_ids=ids, labels=ids) for ids in torch.randint(0, VOCAB, (32, 10))]
+
+    def logged(resume_from=None):
+        args = trainer_args(tmp_path, per_device_train_batch_size=4, max_steps=6,
+                            logging_steps=2, save_steps=4)
+        trainer = RDropTrainer(model=tiny_llama(dropout=0.0), args=args, train_dataset=data)
+        trainer.train(resume_from_checkpoint=resume_from)
+        return {e["step"]: (e["ce"], e["kl"]) for e in trainer.state.log_history if "ce" in e}
+
+    whole = logged()
+    resumed = logged(resume_from=str(tmp_path / "checkpoint-4"))
+    assert whole.keys() == resumed.keys() == {2, 4, 6}  # the checkpoint holds the logs up to 4
+    assert resumed[6] == pytest.approx(whole[6], rel=1e-4)
 
 
 @no_dropout_on_purpose

@@ -22,7 +22,8 @@ from ..distributed import is_dtensor
 from ..linear import linear_rdrop_loss
 from ..loss import stacked_rdrop_loss
 
-__all__ = ["NoDropoutWarning", "RDropTrainer", "RDropTrainerMixin", "rdrop_causal_lm_loss"]
+__all__ = ["HeadNotFusedWarning", "NoDropoutWarning", "RDropTrainer", "RDropTrainerMixin",
+           "rdrop_causal_lm_loss"]
 
 
 class NoDropoutWarning(UserWarning):
@@ -39,6 +40,23 @@ NO_DROPOUT = (
     "train in training mode (model.train()).")
 
 _warned: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
+
+class HeadNotFusedWarning(UserWarning):
+    """The model's logits are not its output embedding applied to its last hidden states, so the
+    loss takes its logits, which are then materialised whole."""
+
+
+HEAD_NOT_FUSED = (
+    "this model's logits are not its output embedding (lm_head) applied to its last hidden "
+    "states, softcapped as its config says: something comes between them (a scale, as in "
+    "Granite and Cohere, a transform, as in BERT-like decoders, a cut of a padded vocabulary, "
+    "...). The fused linear loss cannot stand in for that, so rdrop_causal_lm_loss takes the "
+    "model's own logits, [2B, T, V] at once, and gives them to stacked_rdrop_loss.")
+
+# Per model: whether its logits are lm_head(last hidden states), which the fused linear loss
+# assumes; found on its first eager call, from the logits of one position.
+_head_fused: "weakref.WeakKeyDictionary[nn.Module, bool]" = weakref.WeakKeyDictionary()
 
 
 def rdrop_causal_lm_loss(
@@ -67,10 +85,18 @@ def rdrop_causal_lm_loss(
     vocabulary included). A tensor-parallel head that returns its rank's slice of the logits as
     a plain tensor raises ``ValueError``.
 
+    The first eager call on a model checks that its logits are the head applied to its last
+    hidden states (at the last position; one number read back to the host). Where they are not
+    (Granite's and Cohere's scales, the transform of BERT-like decoders), it warns once
+    (:class:`HeadNotFusedWarning`), runs the model again, and that model's loss takes its
+    logits from then on. A mixture of experts' router loss (``aux_loss``) is added times the
+    model's ``router_aux_loss_coef``, as the model adds it to its own loss.
+
     Args:
-        model: a ``*ForCausalLM`` model, or a PEFT model wrapping one. Its output embedding
-            may be tied to the input one; the config's ``final_logit_softcapping`` (Gemma 2) is
-            applied when set.
+        model: a ``*ForCausalLM`` model, or a PEFT model wrapping one (prompt tuning's virtual
+            tokens are left out of the loss). Its output embedding may be tied to the input
+            one; the config's ``final_logit_softcapping`` (Gemma 2; a multimodal model's text
+            config's) is applied when set.
         input_ids: [B, T] token ids.
         attention_mask: [B, T] or None (padding-free batches carry ``position_ids`` instead).
         labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
@@ -92,11 +118,14 @@ def rdrop_causal_lm_loss(
     passes are the same and R-Drop only doubles the cost.
 
     Returns:
-        ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient.
+        ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient, and holds the router
+        loss where there is one.
     """
     base = _unwrap(model)
     head = base.get_output_embeddings()
-    softcap = getattr(base.config, "final_logit_softcapping", None)
+    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else \
+        base.config  # a multimodal model's text part holds the softcap
+    softcap = getattr(config, "final_logit_softcapping", None)
     if not torch.compiler.is_compiling():
         if model not in _warned and not _dropout_active(model):
             _warned.add(model)  # once per model
@@ -112,12 +141,21 @@ def rdrop_causal_lm_loss(
     keywords = dict(alpha=alpha, ignore_index=ignore_index, label_smoothing=label_smoothing,
                     reduction="mean" if num_items_in_batch is None else "sum",
                     return_parts=True)
-    n = len(input_ids)
-    if type(head) is nn.Linear and not is_dtensor(head.weight):
-        # the last hidden states, and the logits of no position at all
-        out = model(**batch, output_hidden_states=True,
-                    logits_to_keep=torch.empty(0, dtype=torch.long, device=input_ids.device))
-        hidden = out.hidden_states[-1]
+    n, seq_len = input_ids.shape
+    fused = type(head) is nn.Linear and not is_dtensor(head.weight) and _head_fused.get(base, True)
+    if fused:
+        check = base not in _head_fused and not torch.compiler.is_compiling()
+        # the last hidden states, and the logits of no position at all (of the last, to check)
+        keep = 1 if check else torch.empty(0, dtype=torch.long, device=input_ids.device)
+        out = model(**batch, output_hidden_states=True, logits_to_keep=keep)
+        hidden = _own_positions(out.hidden_states[-1], seq_len, model)
+        if check:
+            fused = _head_fused[base] = _logits_of_head(out.logits[:, -1], hidden[:, -1], head,
+                                                        softcap)
+            if not fused:
+                warnings.warn(HEAD_NOT_FUSED, HeadNotFusedWarning, stacklevel=2)
+                del out, hidden  # this forward's graph: the logits' forward follows
+    if fused:
         # labels where the hidden states are, as transformers' own loss moves them (FSDP2 moves
         # the model's inputs to its device, not the labels)
         parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight,
@@ -125,16 +163,64 @@ def rdrop_causal_lm_loss(
                                   chunk_size=chunk_size, **keywords)
     else:
         # the model's own head (with its softcap): [2B, T, V], both passes stacked. So for a head
-        # that is not a plain nn.Linear (LoRA, FSDP2's own group), and a tensor-parallel one,
-        # whose DTensor logits the loss takes as they are
-        logits = model(**batch).logits
+        # that is not a plain nn.Linear (LoRA, FSDP2's own group), one whose logits are not
+        # lm_head(hidden states), and a tensor-parallel one, whose DTensor logits the loss takes
+        # as they are
+        out = model(**batch)
+        logits = _own_positions(out.logits, seq_len, model)
         _check_whole_vocabulary(logits, head.weight)
         # position t predicts token t + 1; the last position predicts nothing
         shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=ignore_index)
         parts = stacked_rdrop_loss(logits, shifted, **keywords)
-    if num_items_in_batch is None:
+    if num_items_in_batch is not None:
+        parts = RDropParts(*(part / num_items_in_batch for part in parts))
+    aux_loss = getattr(out, "aux_loss", None)
+    if aux_loss is None:
         return parts
-    return RDropParts(*(part / num_items_in_batch for part in parts))
+    # a mixture of experts' router load-balancing loss, which the model adds to its own loss
+    # only when it is given the labels
+    return parts._replace(loss=parts.loss + _router_aux_loss_coef(base, config) * aux_loss.to(
+        parts.loss.device))
+
+
+def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
+                    softcap: Optional[float]) -> bool:
+    """Whether the model's logits [2B, V] at a position are head(hidden [2B, H]) there,
+    softcapped: up to rounding, where a scale or a transform would be far off. Reads one number
+    back to the host (once per model)."""
+    if logits.shape[-1] != head.out_features or hidden.dtype != head.weight.dtype:
+        return False
+    with torch.no_grad():
+        mine = F.linear(hidden, head.weight, head.bias).float()
+        if softcap is not None:
+            mine = softcap * torch.tanh(mine / softcap)
+        scale = logits.float().abs().max().clamp(min=1.0)
+        return bool((mine - logits.float()).abs().max() <= 1e-2 * scale)
+
+
+def _own_positions(t: Tensor, seq_len: int, model: nn.Module) -> Tensor:
+    """t [2B, T', ...] (hidden states or logits) at the batch's T positions: PEFT's prompt
+    tuning puts its virtual tokens before them."""
+    extra = t.shape[1] - seq_len
+    if extra == 0:
+        return t
+    peft_config = getattr(model, "active_peft_config", None)
+    if (extra > 0 and getattr(peft_config, "is_prompt_learning", False)
+            and extra == getattr(peft_config, "num_virtual_tokens", None)):
+        return t[:, extra:]
+    raise ValueError(f"the model returns {t.shape[1]} positions for a batch of {seq_len} "
+                     "tokens: the loss cannot tell which of them are the batch's")
+
+
+def _router_aux_loss_coef(model: nn.Module, config) -> float:
+    """The weight of a mixture of experts' router loss, where transformers' models keep it."""
+    for owner, name in ((model, "router_aux_loss_coef"), (model, "aux_loss_coef"),
+                        (config, "router_aux_loss_coef")):
+        value = getattr(owner, name, None)
+        if value is not None:
+            return value
+    raise ValueError(f"{type(model).__name__} returns a router aux_loss but no weight for it "
+                     "(router_aux_loss_coef) was found")
 
 
 def _check_whole_vocabulary(logits: Tensor, weight: Tensor) -> None:
@@ -215,7 +301,9 @@ class RDropTrainerMixin:
 
     Args:
         rdrop_alpha: the weight of the symmetric KL term.
-        rdrop_kwargs: more keywords for :func:`rdrop_causal_lm_loss` (label_smoothing, ...).
+        rdrop_kwargs: more keywords for :func:`rdrop_causal_lm_loss` (chunk_size, ...).
+            ``label_smoothing`` is ``TrainingArguments.label_smoothing_factor`` unless given
+            here.
         All other arguments are the base class's.
     """
 
@@ -226,16 +314,25 @@ class RDropTrainerMixin:
         self.rdrop_kwargs = rdrop_kwargs or {}
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch
         self._rdrop_sums = {"ce": 0.0, "kl": 0.0}
+        self._rdrop_logged_step = None  # the step of the last log, or where training started
+
+    def train(self, *args, **kwargs):
+        self._rdrop_sums = {"ce": 0.0, "kl": 0.0}
+        self._rdrop_logged_step = None  # set by the first step, a resumed run's too
+        return super().train(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._rdrop_logged_step is None:
+            self._rdrop_logged_step = self.state.global_step
         # every other entry of the batch (position_ids of packed batches, ...) goes to the model
         batch = dict(inputs)
+        keywords = {"label_smoothing": self.args.label_smoothing_factor, **self.rdrop_kwargs}
         parts = rdrop_causal_lm_loss(
             model, batch.pop("input_ids"), batch.pop("attention_mask", None),
             batch.pop("labels", None), alpha=self.rdrop_alpha,
-            num_items_in_batch=num_items_in_batch, **self.rdrop_kwargs, **batch)
+            num_items_in_batch=num_items_in_batch, **keywords, **batch)
         # With num_items_in_batch the micro-batch losses already sum to the step's mean.
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         accumulation = getattr(self, "current_gradient_accumulation_steps",  # set by train()
@@ -253,7 +350,7 @@ class RDropTrainerMixin:
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self.model.training:
-            steps = max(self.state.global_step - getattr(self, "_rdrop_logged_step", 0), 1)
+            steps = max(self.state.global_step - (self._rdrop_logged_step or 0), 1)
             for name, total in self._rdrop_sums.items():
                 logs[name] = round(float(total) / steps, 4)
                 self._rdrop_sums[name] = 0.0
