@@ -4,8 +4,8 @@ all gradients, chunk by chunk over tokens, so that at most one chunk of logits e
 Per chunk of rows: z_k = h_k W^T (+ b) for both passes, the fused kernel writes dL/dz_k into z_k
 in place, then dh_k = dz_k W, dW += dz_k^T h_k and db += sum dz_k, the last two in fp32.
 With a scalar reduction every gradient is known after the forward pass (the backward pass only
-scales them); with reduction="none" the backward pass redoes the chunks with the per-token
-upstream gradient as the row weights.
+scales them); with reduction="none", and for fp16 logits (trained with a loss scale), the backward
+pass redoes the chunks with the upstream gradient in the row weights.
 """
 
 import math
@@ -197,17 +197,26 @@ class LinearRDropFunction(torch.autograd.Function):
     """(h1 [N, H], h2 [N, H], W [V, H], b [V] | None, target [N] | None, row_weight [N],
     per_token, grad_enabled, options) -> (loss: a scalar, or [N] when per_token; parts [3, N]
     detached). Without grad_enabled (torch.no_grad) no gradient is made, though the inputs
-    require one: needs_input_grad does not see the grad mode."""
+    require one: needs_input_grad does not see the grad mode.
+
+    The gradients wait for the backward pass, which redoes the chunks with the upstream
+    gradient in the row weights, where it is per token, and for fp16 logits: those train with a
+    loss scale (GradScaler), an upstream gradient that keeps their small gradients above fp16's
+    smallest numbers only if it is applied before they are rounded. The backward pass runs
+    under the forward pass's autocast, so that it computes the same logits."""
 
     @staticmethod
     def forward(ctx, hidden1, hidden2, weight, bias, target, row_weight, per_token, grad_enabled,
                 options):
         alpha = options[0]
-        ctx.per_token, ctx.options = per_token, options
-        if per_token:  # the gradients wait for the per-token upstream gradient
+        ctx.options = options
+        ctx.deferred = per_token or _logits_dtype(hidden1) == torch.float16
+        if ctx.deferred:
             parts, _ = _chunks(hidden1, hidden2, weight, bias, target, None, options, (False,) * 4)
             ctx.save_for_backward(hidden1, hidden2, weight, bias, target, row_weight)
-            loss = row_weight * token_loss(parts, alpha)
+            ctx.autocast = _autocast_state(hidden1.device)
+            rows = row_weight * token_loss(parts, alpha)
+            loss = rows if per_token else rows.sum()
         else:
             needs = ctx.needs_input_grad[:4] if grad_enabled else (False,) * 4
             parts, ctx.grads = _chunks(hidden1, hidden2, weight, bias, target,
@@ -219,10 +228,11 @@ class LinearRDropFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
         ops.refuse_create_graph()
-        if ctx.per_token:
+        if ctx.deferred:
             hidden1, hidden2, weight, bias, target, row_weight = ctx.saved_tensors
-            _, grads = _chunks(hidden1, hidden2, weight, bias, target, grad_loss * row_weight,
-                               ctx.options, ctx.needs_input_grad[:4])
+            with torch.autocast(**ctx.autocast):
+                _, grads = _chunks(hidden1, hidden2, weight, bias, target,
+                                   grad_loss * row_weight, ctx.options, ctx.needs_input_grad[:4])
         else:
             # scaled whatever the upstream gradient: reading it would synchronise with a GPU, and
             # the [N, H] and [V, H] gradients cost little next to the chunks' matmuls. Compiled,
@@ -231,6 +241,19 @@ class LinearRDropFunction(torch.autograd.Function):
                 lambda g: g.mul_(grad_loss))
             grads = tuple(None if g is None else scale(g) for g in ops.take_gradients_once(ctx))
         return (*grads, None, None, None, None, None)
+
+
+def _logits_dtype(hidden: Tensor) -> torch.dtype:
+    """The dtype of hidden @ W^T: autocast's where it casts a matmul's inputs (not float64)."""
+    device = hidden.device.type
+    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return hidden.dtype
+
+
+def _autocast_state(device: torch.device) -> dict:
+    return dict(device_type=device.type, enabled=torch.is_autocast_enabled(device.type),
+                dtype=torch.get_autocast_dtype(device.type))
 
 
 def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
