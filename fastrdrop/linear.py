@@ -2,7 +2,8 @@
 all gradients, chunk by chunk over tokens, so that at most one chunk of logits exists at a time.
 
 Per chunk of rows: z_k = h_k W^T (+ b) for both passes, the fused kernel writes dL/dz_k into z_k
-in place, then dh_k = dz_k W, dW += dz_k^T h_k and db += sum dz_k, the last two in fp32.
+in place, then dh_k = dz_k W, dW += dz_k^T h_k and db += sum dz_k, the last two in fp32
+(float64 for float64 inputs).
 With a scalar reduction every gradient is known after the forward pass (the backward pass only
 scales them); with reduction="none", and for fp16 logits (trained with a loss scale), the backward
 pass redoes the chunks with the upstream gradient in the row weights.
@@ -73,7 +74,8 @@ def linear_rdrop_loss(
             gradient again).
 
     Returns:
-        float32 loss (a scalar, or [...] with ``reduction="none"``), or ``RDropParts``.
+        float32 loss (float64 for float64 inputs; a scalar, or [...] with
+        ``reduction="none"``), or ``RDropParts``.
     """
     check_pair("hidden1", hidden1, "hidden2", hidden2, last_dim="H", what="the hidden size")
     _check_weight(weight, bias, hidden1)
@@ -89,7 +91,8 @@ def linear_rdrop_loss(
     h1 = hidden1.reshape(-1, hidden1.shape[-1])
     h2 = hidden2.reshape(-1, hidden2.shape[-1])
     labels = None if target is None else target.reshape(-1).contiguous()
-    weights = row_weights(target, batch_shape, ignore_index, reduction, hidden1.device)
+    weights = row_weights(target, batch_shape, ignore_index, reduction, hidden1.device,
+                          _accumulation_dtype(hidden1))
     if chunk_size is None:
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
                                         h1.device)
@@ -243,6 +246,11 @@ class LinearRDropFunction(torch.autograd.Function):
         return (*grads, None, None, None, None, None)
 
 
+def _accumulation_dtype(hidden: Tensor) -> torch.dtype:
+    """fp32, or float64 for float64 hidden states (which only the torch backend takes)."""
+    return torch.promote_types(hidden.dtype, torch.float32)
+
+
 def _logits_dtype(hidden: Tensor) -> torch.dtype:
     """The dtype of hidden @ W^T: autocast's where it casts a matmul's inputs (not float64)."""
     device = hidden.device.type
@@ -265,13 +273,14 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
     alpha, ignore_index, label_smoothing, softcap, backend, chunk_size, group = options
     kernel_args = (ignore_index, label_smoothing, softcap, backend, group)
     n_rows = hidden1.shape[0]
-    parts = torch.empty((3, n_rows), dtype=torch.float32, device=hidden1.device)
+    acc = _accumulation_dtype(hidden1)
+    parts = torch.empty((3, n_rows), dtype=acc, device=hidden1.device)
     with_grads = row_weight is not None
     dh1 = torch.empty_like(hidden1) if with_grads and needs[0] else None
     dh2 = torch.empty_like(hidden2) if with_grads and needs[1] else None
-    dw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) \
+    dw = torch.zeros(weight.shape, dtype=acc, device=weight.device) \
         if with_grads and needs[2] else None
-    db = torch.zeros(weight.shape[:1], dtype=torch.float32, device=weight.device) \
+    db = torch.zeros(weight.shape[:1], dtype=acc, device=weight.device) \
         if with_grads and needs[3] else None
     for start in range(0, n_rows, chunk_size):
         rows = slice(start, start + chunk_size)
@@ -292,7 +301,7 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
         if dw is not None:
             _add_matmul_(dw, z.t(), h)  # dW += dz^T h
         if db is not None:
-            db += z.sum(0, dtype=torch.float32)  # db += sum_rows dz
+            db += z.sum(0, dtype=acc)  # db += sum_rows dz
     if not with_grads:
         return parts, None
     if group is not None:  # each rank's dh is its slice's share: the sum is the gradient
@@ -302,7 +311,7 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
 
 
 def _add_matmul_(acc, a, b):
-    """acc += a @ b with fp32 accumulation whatever the dtype of a and b (acc is fp32)."""
+    """acc += a @ b, accumulated in acc's dtype (fp32 or float64) whatever that of a and b."""
     if a.dtype == acc.dtype:
         acc.addmm_(a, b)
     elif a.is_cuda:

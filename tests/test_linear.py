@@ -237,3 +237,21 @@ def test_fp16_gradients_see_the_loss_scale(backend, autocast):
     for name, got, near, want in zip(("dh1", "dh2", "dW"), fused, composed, truth, strict=True):
         error = [((g - want).norm() / want.norm()).item() for g in (got, near)]
         assert error[0] <= 1.5 * error[1], (name, error)
+
+
+def test_float64_stays_float64():
+    # float64 hidden states (the torch backend) give a float64 loss, parts and gradients, as
+    # rdrop_loss does for float64 logits: nothing is rounded to fp32 on the way
+    (h1, h2, w, b), _ = linear_inputs(torch.float64, True, False)
+    target = labels((N,), V)
+    leaves = [t.requires_grad_() for t in (h1, h2, w, b)]
+    got = fastrdrop.linear_rdrop_loss(*leaves[:3], target, leaves[3], reduction="batchmean",
+                                      chunk_size=8, return_parts=True)
+    want = reference.rdrop_loss(torch.addmm(b, h1, w.T), torch.addmm(b, h2, w.T), target,
+                                reduction="batchmean", return_parts=True)
+    for part, expected in zip(got, want, strict=True):
+        assert part.dtype == torch.float64
+        torch.testing.assert_close(part, expected, rtol=1e-12, atol=1e-12)
+    for a, e in zip(torch.autograd.grad(got.loss, leaves), torch.autograd.grad(want.loss, leaves),
+                    strict=True):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
