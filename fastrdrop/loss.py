@@ -159,15 +159,18 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     if inplace_backward and logits1 is logits2:
         raise ValueError("logits2 must not be the same tensor as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
-    if inplace_backward and torch.compiler.is_compiling() and any(
-            t is not None and t._base is not None for t in (logits1, logits2)):
-        # A compiled graph can hand a view that the op mutates to the kernel at the wrong
-        # storage offset once it recompiles with dynamic shapes (the gradients of logits1 then
-        # went into logits2's rows): in place, compiled, the op takes whole tensors only.
+    if inplace_backward and torch.compiler.is_compiling() and (
+            logits2 is not None or logits1._base is not None):
+        # A compiled graph that recompiles with dynamic shapes can hand a tensor that the op
+        # mutates to the kernel at another one's storage offset: a view (the gradients of logits1
+        # then went into logits2's rows), or one of two tensors that share memory without being
+        # views (detached slices of one tensor), which a graph cannot tell from two of their
+        # own. In place, compiled, the op takes one whole tensor, both passes stacked.
         raise ValueError(
-            f"{name1} must not be a view of another tensor when inplace_backward=True under "
-            "torch.compile: pass both passes as one tensor to stacked_rdrop_loss(logits, ...), "
-            "or compute the logits inside the compiled function without slicing them")
+            "inplace_backward=True under torch.compile takes both passes as one tensor that is "
+            "not a view of another: stacked_rdrop_loss(logits, ...) on the logits as the model "
+            "returns them (a compiled graph can give views, and tensors that share memory, "
+            "each other's rows); or inplace_backward=False")
     labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)
@@ -183,7 +186,11 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
         and not torch.compiler.is_compiling()))
 
     if grads_first:
-        weighted_rows, parts = ops.RDropLossFunction.apply(
+        # the in-place pair, refused above in compiled frames, runs eagerly in the frames that
+        # Dynamo then runs eagerly too: none of its own may be compiled
+        apply = _apply_eagerly if inplace_backward and z2 is not None else \
+            ops.RDropLossFunction.apply
+        weighted_rows, parts = apply(
             z1, z2, labels, weights, float(alpha), *kernel_args, inplace_backward, group)
         loss = weighted_rows.reshape(batch_shape) if reduction == "none" else weighted_rows.sum()
     else:
@@ -194,6 +201,9 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
         ce1, ce2, kl = (reduce_rows(p, weights, reduction, batch_shape) for p in parts)
         return RDropParts(loss, ce1, ce2, kl)
     return loss
+
+
+_apply_eagerly = torch.compiler.disable(ops.RDropLossFunction.apply)
 
 
 class _Keywords(nn.Module):

@@ -75,6 +75,38 @@ def test_sequence_length_changing_between_calls(backend, inplace):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+def test_inplace_pair_that_shares_memory(backend):
+    # Two leaves that share one storage without being views (detached slices of one tensor): once
+    # a graph recompiled with dynamic shapes, the kernel read logits1's rows as logits2's (the
+    # loss of (z1, z1)). The two-tensor form in place is refused when traced with fullgraph=True;
+    # without it, the call runs eagerly, where the kernels see the real memory.
+    torch._dynamo.reset()
+
+    def step(logits1, logits2, target):
+        return fastrdrop.rdrop_loss(logits1, logits2, target, backend=backend,
+                                    label_smoothing=0.1, inplace_backward=True)
+
+    def inputs(rows):
+        z1, z2 = logits_pair((rows, 40), torch.float32)
+        base = torch.cat([z1, z2])
+        halves = [base[:rows].detach().requires_grad_(), base[rows:].detach().requires_grad_()]
+        return halves, [z1.clone().requires_grad_(), z2.clone().requires_grad_()]
+
+    with pytest.raises(Exception, match="stacked_rdrop_loss"):
+        torch.compile(step, fullgraph=True)(*inputs(3)[0], labels((3,), 40))
+    compiled = torch.compile(step)
+    for rows in (3, 5, 7):  # 5: the recompile with dynamic shapes
+        shared, apart = inputs(rows)
+        target = labels((rows,), 40)
+        losses = [compiled(*shared, target), step(*apart, target)]
+        for loss in losses:
+            loss.backward()
+        torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+        for got, want in zip(shared, apart, strict=True):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("api", ["rdrop_loss", "RDropLoss", "linear_rdrop_loss"])
 def test_dynamic_true(backend, api):
     # symbolic sizes from the first call; the argument checks once called math.isfinite, which
