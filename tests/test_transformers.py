@@ -319,6 +319,39 @@ def test_trainer_logs_of_a_resumed_run(tmp_path):
     assert resumed[6] == pytest.approx(whole[6], rel=1e-4)
 
 
+def _logged_parts_body(rank, world, folder):
+    # the ranks' process group is up; the Trainer's accelerator joins it from these variables
+    import os
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # unused: the group is up
+    warnings.simplefilter("ignore")
+    logs = _logged_parts(folder, per_device=4 // world)
+    expected = torch.load(os.path.join(folder, "one.pt"))
+    assert logs == pytest.approx(expected, rel=1e-4), (logs, expected)
+    torch.distributed.barrier()
+
+
+def _logged_parts(folder, per_device):
+    torch.manual_seed(0)
+    data = [dict(input_ids=ids, labels=ids) for ids in torch.randint(0, VOCAB, (8, 10))]
+    args = trainer_args(folder, per_device_train_batch_size=per_device, max_steps=2,
+                        logging_steps=1, save_strategy="no")
+    trainer = RDropTrainer(model=tiny_llama(dropout=0.0), args=args, train_dataset=data)
+    trainer.train()
+    return [e[key] for e in trainer.state.log_history if "ce" in e for key in ("loss", "ce", "kl")]
+
+
+@no_dropout_on_purpose
+def test_trainer_logs_over_data_parallel_processes(tmp_path):
+    # ce and kl are means over all processes, as the loss is: with the token count global over
+    # the processes (average_tokens_across_devices), each one's share once gave half of them
+    from ranks import run_ranks
+
+    torch.save(_logged_parts(tmp_path, per_device=4), tmp_path / "one.pt")
+    run_ranks(_logged_parts_body, 2, str(tmp_path), timeout=120)
+
+
 @no_dropout_on_purpose
 def test_compile_has_no_graph_break_inside_fastrdrop():
     model = tiny_llama(dropout=0.0)

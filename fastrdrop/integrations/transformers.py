@@ -337,25 +337,38 @@ class RDropTrainerMixin:
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         accumulation = getattr(self, "current_gradient_accumulation_steps",  # set by train()
                                self.args.gradient_accumulation_steps)
-        scale = 1 if self.loss_is_scaled_for_ga else 1 / accumulation
+        scale = 1 if self.loss_is_scaled_for_ga else 1 / accumulation  # of the logged parts
+        loss = parts.loss
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # the token count is global, over the data-parallel processes, whose gradients are
+            # then averaged: each process's share, times their number
+            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            processes = self.accelerator.num_processes // tensor_parallel
+            loss, scale = loss * processes, scale * processes
         # kept on the device, read when logged: reading them every step would wait for the GPU
         self._rdrop_sums["ce"] += (parts.ce1 + parts.ce2).detach() / 2 * scale
         self._rdrop_sums["kl"] += parts.kl.detach() * scale
-        loss = parts.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # the token count is global, over the data-parallel processes
-            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            loss = loss * (self.accelerator.num_processes // tensor_parallel)
         return (loss, {"ce": parts.ce1, "kl": parts.kl}) if return_outputs else loss
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self.model.training:
             steps = max(self.state.global_step - (self._rdrop_logged_step or 0), 1)
             for name, total in self._rdrop_sums.items():
-                logs[name] = round(float(total) / steps, 4)
+                # the mean over the data-parallel processes, as the logged loss is
+                mean = _mean_over_processes(self, torch.as_tensor(total, device=self.args.device))
+                logs[name] = round(float(mean) / steps, 4)
                 self._rdrop_sums[name] = 0.0
             self._rdrop_logged_step = self.state.global_step
         super().log(logs, *args, **kwargs)
+
+
+def _mean_over_processes(trainer: Trainer, value: Tensor) -> Tensor:
+    """A logged number's mean over the trainer's processes (all of them call log together)."""
+    try:
+        from transformers.trainer_pt_utils import nested_gather
+    except ImportError:  # transformers before nested_gather left the Trainer
+        return trainer._nested_gather(value).mean()
+    return nested_gather(value, trainer.args.parallel_mode).mean()
 
 
 class RDropTrainer(RDropTrainerMixin, Trainer):
