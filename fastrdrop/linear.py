@@ -253,13 +253,17 @@ def _accumulation_dtype(hidden: Tensor) -> torch.dtype:
 
 def _logits_dtype(hidden: Tensor) -> torch.dtype:
     """The dtype of hidden @ W^T: autocast's where it casts a matmul's inputs (not float64)."""
-    device = hidden.device.type
-    if hidden.dtype != torch.float64 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
+    autocast = _autocast_state(hidden.device)
+    if hidden.dtype != torch.float64 and autocast["enabled"]:
+        return autocast["dtype"]
     return hidden.dtype
 
 
 def _autocast_state(device: torch.device) -> dict:
+    """torch.autocast's arguments for the current state on ``device`` (off where it has none:
+    meta tensors)."""
+    if not torch.amp.is_autocast_available(device.type):
+        return dict(device_type="cpu", enabled=False)
     return dict(device_type=device.type, enabled=torch.is_autocast_enabled(device.type),
                 dtype=torch.get_autocast_dtype(device.type))
 
