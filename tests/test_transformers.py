@@ -386,6 +386,42 @@ def test_compile_has_no_graph_break_inside_fastrdrop():
         torch.testing.assert_close(results[1][1][name], grad, rtol=1e-4, atol=1e-6)
 
 
+@no_dropout_on_purpose
+@pytest.mark.parametrize("variant", ["untied", "lora-head"])
+def test_padding_free_row_under_flash_attention(monkeypatch, variant):
+    # Flash attention tells the sequences packed in a row apart by their position_ids only in a
+    # batch of one row: both passes go in one row, [1, 2T]. sdpa stands in for it here (its masks
+    # keep packed sequences apart in any batch), so the loss and gradients must be those of two
+    # rows, [2, T]; on the first call of a model, whose check reads one row's last logits, too.
+    from fastrdrop.integrations import transformers as integration
+
+    model = tiny_llama(dropout=0.0)  # both layouts draw dropout masks of different shapes
+    if variant == "lora-head":
+        model = with_lora(model, head=True, dropout=0.0)
+    position_ids = torch.cat([torch.arange(5), torch.arange(4), torch.arange(3)])[None]
+    input_ids = torch.randint(0, VOCAB, (1, 12))
+    labels = input_ids.masked_fill(position_ids == 0, -100)
+    runs = []
+    for flash in (True, False):
+        monkeypatch.setattr(integration, "_flash_attention", lambda config, flash=flash: flash)
+        shapes = []
+        hook = model.register_forward_pre_hook(
+            lambda module, args, kwargs, shapes=shapes: shapes.append(
+                tuple(kwargs["input_ids"].shape)),
+            with_kwargs=True)
+        parts = rdrop_causal_lm_loss(model, input_ids, None, labels, position_ids=position_ids)
+        parts.loss.backward()
+        hook.remove()
+        runs.append((parts, gradients(model), shapes[-1]))
+        model.zero_grad()
+    (one_row, grads_one_row, shape_one_row), (two_rows, grads_two_rows, shape_two_rows) = runs
+    assert shape_one_row == (1, 24) and shape_two_rows == (2, 12)
+    for got, want in zip(one_row, two_rows, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for name, grad in grads_two_rows.items():
+        torch.testing.assert_close(grads_one_row[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_both_passes_of_a_packed_batch():
     # [x; x] of a padding-free batch: position_ids twice; flash attention's cumulative lengths
     # over the flattened batch cover the second copy's sequences after the first's

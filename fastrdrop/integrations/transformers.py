@@ -134,7 +134,9 @@ def rdrop_causal_lm_loss(
     if labels is None:
         labels = input_ids if attention_mask is None else input_ids.masked_fill(
             attention_mask == 0, ignore_index)
-    batch = _both_passes(dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs))
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
+    one_row = _in_one_row(model, base, batch)
+    batch = _both_passes(batch, dim=1 if one_row else 0)
     # no cache: it is of no use in training, and where one is made (use_cache in the config, in
     # evaluation mode) transformers skips the masks that keep packed sequences apart
     batch["use_cache"] = False
@@ -148,10 +150,10 @@ def rdrop_causal_lm_loss(
         # the last hidden states, and the logits of no position at all (of the last, to check)
         keep = 1 if check else torch.empty(0, dtype=torch.long, device=input_ids.device)
         out = model(**batch, output_hidden_states=True, logits_to_keep=keep)
-        hidden = _own_positions(out.hidden_states[-1], seq_len, model)
+        hidden = _passes(out.hidden_states[-1], seq_len, model, one_row)
         if check:
-            fused = _head_fused[base] = _logits_of_head(out.logits[:, -1], hidden[:, -1], head,
-                                                        softcap)
+            fused = _head_fused[base] = _logits_of_head(
+                out.logits[:, -1], out.hidden_states[-1][:, -1], head, softcap)
             if not fused:
                 warnings.warn(HEAD_NOT_FUSED, HeadNotFusedWarning, stacklevel=2)
                 del out, hidden  # this forward's graph: the logits' forward follows
@@ -167,7 +169,7 @@ def rdrop_causal_lm_loss(
         # lm_head(hidden states), and a tensor-parallel one, whose DTensor logits the loss takes
         # as they are
         out = model(**batch)
-        logits = _own_positions(out.logits, seq_len, model)
+        logits = _passes(out.logits, seq_len, model, one_row)
         _check_whole_vocabulary(logits, head.weight)
         # position t predicts token t + 1; the last position predicts nothing
         shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=ignore_index)
@@ -196,6 +198,14 @@ def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
             mine = softcap * torch.tanh(mine / softcap)
         scale = logits.float().abs().max().clamp(min=1.0)
         return bool((mine - logits.float()).abs().max() <= 1e-2 * scale)
+
+
+def _passes(t: Tensor, seq_len: int, model: nn.Module, one_row: bool) -> Tensor:
+    """The model's hidden states or logits as [2B, T, ...]: from [1, 2T, ...] where both passes
+    went in one row, and at the batch's own positions."""
+    if one_row:  # the first pass, then the second
+        t = t.reshape(2, seq_len, *t.shape[2:])
+    return _own_positions(t, seq_len, model)
 
 
 def _own_positions(t: Tensor, seq_len: int, model: nn.Module) -> Tensor:
@@ -234,10 +244,29 @@ def _check_whole_vocabulary(logits: Tensor, weight: Tensor) -> None:
             "use_local_output=False), whose DTensor logits the loss reduces across the ranks")
 
 
-def _both_passes(batch: dict) -> dict:
-    """The batch twice along dim 0 (the model runs both passes in one forward). Flash
-    attention's cumulative sequence lengths index the flattened batch: the second copy's
-    sequences follow the first's."""
+def _in_one_row(model: nn.Module, base: nn.Module, batch: dict) -> bool:
+    """Whether both passes of a padding-free batch of one row go in one row, [1, 2T]. Flash
+    attention tells the sequences packed in a row apart by their position_ids only in a batch of
+    one row (transformers' _is_packed_sequence): in two rows, [2, T], each would attend across
+    its sequences. In one row the second pass's positions start again at 0, a sequence of its
+    own. The masks of the other attention implementations keep packed sequences apart in any
+    batch (and flash attention does given cu_seq_lens_q/cu_seq_lens_k)."""
+    peft_config = getattr(model, "active_peft_config", None)
+    shape = batch["input_ids"].shape  # [1, T], as every tensor of the batch must be
+    return (_flash_attention(base.config) and shape[0] == 1
+            and batch.get("attention_mask") is None and batch.get("position_ids") is not None
+            and not getattr(peft_config, "is_prompt_learning", False)
+            and all(v.shape == shape for v in batch.values() if torch.is_tensor(v)))
+
+
+def _flash_attention(config) -> bool:
+    return "flash" in (getattr(config, "_attn_implementation", None) or "")
+
+
+def _both_passes(batch: dict, dim: int = 0) -> dict:
+    """The batch twice along dim 0 (the model runs both passes in one forward), or along dim 1
+    for a batch of one row (see _in_one_row). Flash attention's cumulative sequence lengths index
+    the flattened batch: the second copy's sequences follow the first's."""
     twice = {}
     for key, value in batch.items():
         if not torch.is_tensor(value) or value.dim() == 0:
@@ -245,7 +274,7 @@ def _both_passes(batch: dict) -> dict:
         elif key in ("cu_seq_lens_q", "cu_seq_lens_k"):
             twice[key] = torch.cat([value, value[1:] + value[-1]])
         else:
-            twice[key] = torch.cat([value, value])
+            twice[key] = torch.cat([value, value], dim=dim)
     return twice
 
 
