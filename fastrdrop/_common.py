@@ -27,19 +27,23 @@ def _shape(t: Tensor) -> list[int]:
     return list(t.shape)
 
 
-def check_args(logits1: Tensor, logits2: Tensor, target: Optional[Tensor], **options) -> None:
+def check_args(logits1: Tensor, logits2: Tensor, target: Optional[Tensor], *,
+               vocab_parallel: bool = False, **options) -> None:
     """Raise TypeError/ValueError naming the argument; looks at metadata only (no device sync).
-    ``options`` are check_options' keywords."""
-    check_pair("logits1", logits1, "logits2", logits2, last_dim="V", what="the vocabulary")
+    ``options`` are check_options' keywords. vocab_parallel: the logits are a rank's slice of
+    the vocabulary, which may be empty."""
+    check_pair("logits1", logits1, "logits2", logits2, last_dim="V", what="the vocabulary",
+               empty=vocab_parallel)
     check_target(target, logits1.shape[:-1], logits1.device, "logits1", "the vocabulary")
     check_options(**options)
 
 
-def check_stacked_args(logits: Tensor, target: Optional[Tensor], **options) -> None:
+def check_stacked_args(logits: Tensor, target: Optional[Tensor], *, vocab_parallel: bool = False,
+                       **options) -> None:
     """check_args for logits [2B, ..., V] holding both passes stacked on dim 0, target [B, ...];
     ``options`` are check_options' keywords."""
     _check_floating("logits", logits)
-    if logits.dim() < 2 or logits.shape[0] % 2 or logits.shape[-1] == 0:
+    if logits.dim() < 2 or logits.shape[0] % 2 or (logits.shape[-1] == 0 and not vocab_parallel):
         raise ValueError(
             "logits must have shape [2B, ..., V], both passes stacked on dim 0 (an even size) "
             f"and V >= 1 (the vocabulary), got {_shape(logits)}")
@@ -71,11 +75,12 @@ def check_strided(name: str, t: Tensor) -> None:
 
 
 def check_pair(name1: str, t1: Tensor, name2: str, t2: Tensor, *, last_dim: str,
-               what: str) -> None:
-    """Two floating-point tensors [..., last_dim >= 1] of one shape, dtype and device."""
+               what: str, empty: bool = False) -> None:
+    """Two floating-point tensors [..., last_dim >= 1] (>= 0 where ``empty``) of one shape, dtype
+    and device."""
     _check_floating(name1, t1)
     _check_floating(name2, t2)
-    if t1.dim() == 0 or t1.shape[-1] == 0:
+    if t1.dim() == 0 or (t1.shape[-1] == 0 and not empty):
         raise ValueError(f"{name1} must have shape [..., {last_dim}] with {last_dim} >= 1 "
                          f"({what}), got {_shape(t1)}")
     if t2.shape != t1.shape:

@@ -107,8 +107,11 @@ def _label_logits(z1, z2, target, offset, total, ignore_index, softcap):
     labels = target.to(torch.int64)
     ignored = labels == ignore_index
     here = (labels >= offset) & (labels < offset + vocab) & ~ignored
-    local = (labels - offset).clamp(0, vocab - 1)[:, None]
-    values = torch.stack([z1.gather(1, local)[:, 0], z2.gather(1, local)[:, 0]]).float()
+    if vocab == 0:  # an empty slice holds no label
+        values = torch.zeros((2, len(labels)), device=z1.device)
+    else:
+        local = (labels - offset).clamp(0, vocab - 1)[:, None]
+        values = torch.stack([z1.gather(1, local)[:, 0], z2.gather(1, local)[:, 0]]).float()
     if softcap is not None:  # a label on an absent entry stays -inf
         absent = (values == NEG_INF).all(0)
         values = torch.where(absent, NEG_INF, softcap * torch.tanh(values / softcap))

@@ -78,7 +78,7 @@ def linear_rdrop_loss(
         ``reduction="none"``), or ``RDropParts``.
     """
     check_pair("hidden1", hidden1, "hidden2", hidden2, last_dim="H", what="the hidden size")
-    _check_weight(weight, bias, hidden1)
+    _check_weight(weight, bias, hidden1, vocab_parallel_group is not None)
     check_target(target, hidden1.shape[:-1], hidden1.device, "hidden1", "the hidden size")
     check_options(alpha=alpha, ignore_index=ignore_index, reduction=reduction,
                   label_smoothing=label_smoothing, softcap=softcap, return_parts=return_parts)
@@ -148,6 +148,7 @@ def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, dtype: to
     (N H / V rows, rounded up to a power of 2), at least 64 rows so that the matmuls stay
     efficient, and at most what lets the chunk's logits of both passes, with their fp32 copies
     for the weight gradient, take a quarter of the free memory."""
+    vocab_size = max(vocab_size, 1)  # a rank's slice of the vocabulary may be empty
     rows = 2 ** math.ceil(math.log2(max(64, math.ceil(n_rows * hidden_size / vocab_size))))
     elem = torch.finfo(dtype).bits // 8
     bytes_per_row = 2 * vocab_size * (elem + (4 if elem < 4 else 0))
@@ -175,10 +176,13 @@ def _check_chunk_size(chunk_size) -> None:
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
-def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor) -> None:
+def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
+                  vocab_parallel: bool) -> None:
+    """vocab_parallel: the weight holds a rank's slice of the vocabulary, which may be empty."""
     hidden_size = hidden.shape[-1]
     check_strided("weight", weight)
-    if weight.dim() != 2 or weight.shape[1] != hidden_size or weight.shape[0] == 0:
+    if weight.dim() != 2 or weight.shape[1] != hidden_size or (
+            weight.shape[0] == 0 and not vocab_parallel):
         raise ValueError(f"weight must have shape [V, H={hidden_size}] with V >= 1, got "
                          f"{list(weight.shape)}")
     if weight.dtype != hidden.dtype or weight.device != hidden.device:

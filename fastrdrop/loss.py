@@ -70,9 +70,9 @@ def rdrop_loss(
             PyTorch reference otherwise), "triton", "native" or "torch".
         vocab_parallel_group: a ``torch.distributed`` process group whose rank r holds the
             logits of a contiguous slice of the vocabulary, [..., V_r], the slices in rank order
-            (their sizes may differ). Labels are global ids, the same on every rank, as are
-            the tokens and keywords. Every rank returns the loss of the whole vocabulary and
-            gets the gradient of its own slice; the forward pass makes two all-reduces of O(N)
+            (their sizes may differ, down to 0). Labels are global ids, the same on every rank,
+            as are the tokens and keywords. Every rank returns the loss of the whole vocabulary
+            and gets the gradient of its own slice; the forward pass makes two all-reduces of O(N)
             bytes (see fastrdrop.distributed), the backward pass none. DTensor logits sharded
             on their last dimension over a 1-D mesh take this path without the keyword.
 
@@ -84,7 +84,8 @@ def rdrop_loss(
         logits1, logits2, target, group=vocab_parallel_group)
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-               inplace_backward=inplace_backward, return_parts=return_parts)
+               inplace_backward=inplace_backward, return_parts=return_parts,
+               vocab_parallel=vocab_parallel_group is not None)
     distributed.check_group(vocab_parallel_group)
     return _fused(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                   reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
@@ -125,7 +126,8 @@ def stacked_rdrop_loss(
     """
     logits, target, vocab_parallel_group = distributed.from_dtensor(
         logits, target, group=vocab_parallel_group)
-    check_stacked_args(logits, target, alpha=alpha, ignore_index=ignore_index,
+    check_stacked_args(logits, target, vocab_parallel=vocab_parallel_group is not None,
+                       alpha=alpha, ignore_index=ignore_index,
                        reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
                        inplace_backward=inplace_backward, return_parts=return_parts)
     distributed.check_group(vocab_parallel_group)
@@ -338,7 +340,9 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
             f"{name} must be viewable as [N, V] rows with a contiguous last dimension when "
             f"inplace_backward=True (its gradient is written into its storage), got shape "
             f"{list(logits.shape)} with strides {list(logits.stride())}")
-    return logits.view(-1, vocab_size) if viewable else logits.reshape(-1, vocab_size).contiguous()
+    rows = logits.shape[:-1].numel()  # not -1: a rank's slice of the vocabulary may be empty
+    return logits.view(rows, vocab_size) if viewable else \
+        logits.reshape(rows, vocab_size).contiguous()
 
 
 def _flattens_to_rows(t: Tensor) -> bool:

@@ -295,7 +295,9 @@ def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optio
     """Per-row partial statistics [10, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
     m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone (see fastrdrop.distributed)."""
     out = torch.empty((10, z1.shape[0]), dtype=torch.float32, device=z1.device)
-    if z1.shape[0] > 0:
+    if z1.shape[1] == 0:  # an empty slice: nothing present, maxima -inf, sums and V' 0
+        out.zero_()[:2] = distributed.NEG_INF
+    elif z1.shape[0] > 0:
         PARTIALS[backend](z1, z2, out, label_smoothing, softcap)
     return out
 
@@ -323,7 +325,7 @@ def write_gradients(logits1, logits2, labels, stats, row_weight, alpha, ignore_i
     z1, z2 = halves(logits1, logits2)
     dz1, dz2 = halves(*grads)
     grad_parts = torch.stack([row_weight, row_weight, alpha * row_weight]).float()
-    if z1.shape[0] > 0:
+    if z1.numel() > 0:  # rows of a slice of the vocabulary, which may be empty
         BACKWARD[backend](z1, z2, labels, stats, grad_parts, dz1, dz2, ignore_index,
                           label_smoothing, softcap)
 
@@ -383,7 +385,7 @@ def rdrop_backward(
 ) -> tuple[Tensor, Tensor]:
     """dz1, dz2 [N, V] (contiguous, the logits' dtype) given the upstream gradients of the parts."""
     dz1, dz2 = _empty_like_rows(logits1), _empty_like_rows(logits2)
-    if logits1.shape[0] > 0:
+    if logits1.numel() > 0:
         BACKWARD[backend](logits1, logits2, target, stats, grad_parts, dz1, dz2, ignore_index,
                           label_smoothing, softcap)
     return dz1, dz2
@@ -403,7 +405,7 @@ def stacked_rdrop_backward(
     """The gradient [2N, V] of stacked logits [2N, V]: one buffer, each half written by the
     kernel, so that nothing assembles it from two."""
     grad = _empty_like_rows(logits)
-    if logits.shape[0] > 0:
+    if logits.numel() > 0:
         BACKWARD[backend](*halves(logits, None), target, stats, grad_parts,
                           *halves(grad, None), ignore_index, label_smoothing, softcap)
     return grad
@@ -583,7 +585,7 @@ class RDropLossFunction(torch.autograd.Function):
         # work where reading it costs nothing (CPU): for the default mode's 16-bit buffers, whose
         # rows would otherwise be computed again from the saved logits, and elsewhere but on the
         # Triton path, whose scaling kernel reads nothing back wherever it runs (test_sync.py).
-        if grads[0].shape[0] == 0 or (
+        if grads[0].numel() == 0 or (
                 (rewrite or ctx.backend != "triton") and _is_one_on_cpu(upstream)):
             return *grads, *[None] * 9
         dz1, dz2 = halves(*grads)

@@ -46,7 +46,7 @@ def rdrop_loss(
     """
     check_args(logits1, logits2, target, alpha=alpha, ignore_index=ignore_index,
                reduction=reduction, label_smoothing=label_smoothing, softcap=softcap,
-               return_parts=return_parts)
+               return_parts=return_parts, vocab_parallel=vocab_parallel_group is not None)
     distributed.check_group(vocab_parallel_group)
     target = int64_labels(target)
     if vocab_parallel_group is not None:

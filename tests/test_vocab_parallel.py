@@ -19,8 +19,9 @@ from oracle import assert_oracle_rule, oracle_loss
 from ranks import run_ranks
 
 BACKENDS = [*fused_backends(), "torch"]
-# slice sizes per rank (V = 41): uneven, and one rank with a single entry
-SPLITS = {2: [29, 12], 3: [20, 1, 20], 4: [9, 12, 1, 19]}
+# slice sizes per rank (V = 41): uneven, one rank with a single entry, and one with none (a
+# DTensor's shards of a vocabulary narrower than its mesh)
+SPLITS = {2: [29, 12], 3: [20, 1, 20], 4: [9, 1, 0, 31]}
 N, H = 5, 8
 
 # One covering grid: each keyword value appears (DESIGN.md section 9: every keyword gives the
@@ -218,3 +219,29 @@ def test_group_must_be_a_process_group():
     z = torch.randn(2, 4)
     with pytest.raises(TypeError, match="vocab_parallel_group"):
         fastrdrop.rdrop_loss(z, z, vocab_parallel_group="world")
+
+
+def _empty_shard_body(rank, world):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    gen = torch.Generator().manual_seed(3)
+    z = 3 * torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 3, (3,), generator=gen)
+    mesh = init_device_mesh("cpu", (world,))
+    logits = distribute_tensor(z.float(), mesh, [Shard(-1)]).requires_grad_()
+    assert logits.to_local().shape[-1] == (0 if rank == world - 1 else 1)
+    loss = fastrdrop.stacked_rdrop_loss(logits, target, alpha=0.7, label_smoothing=0.1)
+    loss.backward()
+    leaf = z.clone().requires_grad_()
+    expected = reference.rdrop_loss(leaf[:3], leaf[3:], target, alpha=0.7, label_smoothing=0.1)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.float().detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad.full_tensor(), leaf.grad.float(), rtol=1e-5, atol=1e-6)
+    dist.barrier()
+
+
+def test_dtensor_vocabulary_narrower_than_the_mesh():
+    # 3 entries over 4 ranks: torch gives the last rank an empty shard, which holds nothing
+    # (once it raised there, before the first collective, while the others waited in it)
+    run_ranks(_empty_shard_body, 4)
