@@ -350,7 +350,7 @@ def _gradients_into_logits(z, labels, row_weight, alpha, kernel_args):
     if backend != "torch" and group is not None:
         parts, stats, local_labels = ops.vocab_parallel_rows(z, None, labels, group, *kernel_args)
         ops.write_gradients(z, None, local_labels, stats, row_weight, alpha,
-                            distributed.LOCAL_IGNORE, *kernel_args[1:], grads=(z, None))
+                            distributed.LOCAL_IGNORE, *kernel_args[1:])
         return parts
     if backend != "torch":
         return ops.forward_inplace(z, None, labels, row_weight, alpha, *kernel_args)

@@ -290,10 +290,8 @@ def forward_rows(logits1, logits2, target, row_weight, alpha, ignore_index, labe
     return parts, stats
 
 
-def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optional[float],
-                  backend: str) -> Tensor:
-    """Per-row partial statistics [10, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
-    m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone (see fastrdrop.distributed)."""
+def _partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optional[float],
+                   backend: str) -> Tensor:
     out = torch.empty((10, z1.shape[0]), dtype=torch.float32, device=z1.device)
     if z1.shape[1] == 0:  # an empty slice: nothing present, maxima -inf, sums and V' 0
         out.zero_()[:2] = distributed.NEG_INF
@@ -302,13 +300,30 @@ def partials_rows(z1: Tensor, z2: Tensor, label_smoothing: float, softcap: Optio
     return out
 
 
+rdrop_partials = torch.library.custom_op("fastrdrop::rdrop_partials", _partials_rows,
+                                         mutates_args=())
+
+
+@rdrop_partials.register_fake
+def _(z1, z2, label_smoothing, softcap, backend):
+    return z1.new_empty((10, z1.shape[0]), dtype=torch.float32)
+
+
+def partials_rows(*args) -> Tensor:
+    """Per-row partial statistics [10, N] of rows z1, z2 [N, V] of a slice of the vocabulary:
+    m1, m2, s1, s2, t1, t2, sigma1, sigma2, V', lone (see fastrdrop.distributed). The custom op
+    where a graph is traced, its body in eager calls (see forward_inplace)."""
+    return (rdrop_partials if torch.compiler.is_compiling() else _partials_rows)(*args)
+
+
 def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smoothing, softcap,
                         backend):
     """(parts [3, N], stats [N_STATS, N], this rank's labels for the backward kernels, whose
     ignore_index is distributed.LOCAL_IGNORE) of rows [N, V_r] whose vocabulary is split across
     the ranks of ``group`` (logits2 None: logits1 [2N, V_r] holds both passes)."""
-    def check_labels(labels, total):
-        if labels is not None and labels_checked(labels, backend):
+    def check_labels(labels, total):  # not while a graph is traced: it reads total back
+        if (labels is not None and not torch.compiler.is_compiling()
+                and labels_checked(labels, backend)):
             check_target_values(labels, int(total), ignore_index, backend)
 
     return distributed.vocab_parallel_rows(
@@ -317,17 +332,34 @@ def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smo
         partials_rows=partials_rows, check_labels=check_labels)
 
 
-def write_gradients(logits1, logits2, labels, stats, row_weight, alpha, ignore_index,
-                    label_smoothing, softcap, backend, grads):
-    """The gradients of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r from finished stats,
-    into ``grads`` (two tensors, or (one, None) for stacked logits; the logits themselves in
-    place)."""
+def write_gradients_rows(
+    logits1: Tensor, logits2: Optional[Tensor], labels: Optional[Tensor], stats: Tensor,
+    row_weight: Tensor, alpha: float, ignore_index: int, label_smoothing: float,
+    softcap: Optional[float], backend: str,
+) -> None:
+    """Overwrites the logits [N, V] (logits2 None: logits1 [2N, V], both passes) with the
+    gradients of sum_r row_weight_r * (CE_1 + CE_2 + alpha * symKL)_r, from finished stats."""
     z1, z2 = halves(logits1, logits2)
-    dz1, dz2 = halves(*grads)
     grad_parts = torch.stack([row_weight, row_weight, alpha * row_weight]).float()
     if z1.numel() > 0:  # rows of a slice of the vocabulary, which may be empty
-        BACKWARD[backend](z1, z2, labels, stats, grad_parts, dz1, dz2, ignore_index,
+        BACKWARD[backend](z1, z2, labels, stats, grad_parts, z1, z2, ignore_index,
                           label_smoothing, softcap)
+
+
+rdrop_write_gradients = torch.library.custom_op(
+    "fastrdrop::rdrop_write_gradients", write_gradients_rows, mutates_args=("logits1", "logits2"))
+
+
+@rdrop_write_gradients.register_fake
+def _(logits1, logits2, labels, stats, row_weight, alpha, ignore_index, label_smoothing, softcap,
+      backend):
+    return None
+
+
+def write_gradients(*args) -> None:
+    """rdrop_write_gradients(*args): the custom op where a graph is traced, its body in eager
+    calls (see forward_inplace)."""
+    (rdrop_write_gradients if torch.compiler.is_compiling() else write_gradients_rows)(*args)
 
 
 @torch.library.custom_op("fastrdrop::rdrop_forward", mutates_args=())
@@ -536,7 +568,7 @@ class RDropLossFunction(torch.autograd.Function):
             parts, stats, labels = vocab_parallel_rows(logits1, logits2, target, group,
                                                        *kernel_args)
             write_gradients(logits1, logits2, labels, stats, row_weight, alpha,
-                            distributed.LOCAL_IGNORE, *kernel_args[1:], grads=(logits1, logits2))
+                            distributed.LOCAL_IGNORE, *kernel_args[1:])
         elif inplace:
             parts = forward_inplace(logits1, logits2, target, row_weight, alpha, *kernel_args)
         if inplace:

@@ -245,3 +245,46 @@ def test_dtensor_vocabulary_narrower_than_the_mesh():
     # 3 entries over 4 ranks: torch gives the last rank an empty shard, which holds nothing
     # (once it raised there, before the first collective, while the others waited in it)
     run_ranks(_empty_shard_body, 4)
+
+
+def _compiled_body(rank, world, backend):
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(11)
+    vocab = sum(SPLITS[world])
+    z = 3 * torch.randn(2 * N, vocab, generator=gen)
+    target = torch.randint(0, vocab, (N,), generator=gen)
+    weight = torch.randn(vocab, H, generator=gen) / H ** 0.5
+    hidden = torch.randn(2 * N, H, generator=gen)
+    start = sum(SPLITS[world][:rank])
+    rows = slice(start, start + SPLITS[world][rank])
+    group = dist.group.WORLD
+    keywords = dict(backend=backend, vocab_parallel_group=group, alpha=0.7, label_smoothing=0.1)
+
+    def stacked(x, inplace):
+        return fastrdrop.stacked_rdrop_loss(x * 1, target, inplace_backward=inplace, **keywords)
+
+    def pair(x):
+        return fastrdrop.rdrop_loss(*(x * 1).chunk(2), target, **keywords)
+
+    def linear(h, w):
+        return fastrdrop.linear_rdrop_loss(*h.chunk(2), w, target, chunk_size=2, **keywords)
+
+    cases = [(functools.partial(stacked, inplace=False), [z[:, rows]]),
+             (functools.partial(stacked, inplace=True), [z[:, rows]]),
+             (pair, [z[:, rows]]), (linear, [hidden, weight[rows]])]
+    for fn, tensors in cases:
+        results = []
+        for run in (fn, torch.compile(fn, fullgraph=True)):
+            leaves = [t.clone().requires_grad_() for t in tensors]
+            loss = run(*leaves)
+            results.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
+        for eager, compiled in zip(*results, strict=True):
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    dist.barrier()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_compile_fullgraph(backend):
+    # the partials and the in-place gradients are custom ops, the collectives traced: one graph,
+    # eager's loss and gradients (the label check does not run while a graph is traced)
+    run_ranks(_compiled_body, 2, backend, timeout=120)
