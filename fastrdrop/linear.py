@@ -319,11 +319,12 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
 
 
 def _add_matmul_(acc, a, b):
-    """acc += a @ b, accumulated in acc's dtype (fp32 or float64) whatever that of a and b."""
+    """acc += a @ b, accumulated in acc's dtype (fp32 or float64) whatever that of a and b: b
+    may be wider than a, fp32 hidden states beside the 16-bit gradients of autocast's logits."""
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-    elif a.is_cuda:
-        acc += torch.mm(a, b, out_dtype=acc.dtype)
+        acc.addmm_(a, b.to(a.dtype))
+    elif a.is_cuda:  # in a's dtype, as autocast multiplies (mm with out_dtype takes one dtype)
+        acc += torch.mm(a, b.to(a.dtype), out_dtype=acc.dtype)
     else:
         acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
 

@@ -135,12 +135,12 @@ def reference_of_logits(model, input_ids, attention_mask, labels, alpha):
                                           alpha=alpha, return_parts=True)
 
 
-def granite_scaled():  # its logits are lm_head(hidden) / logits_scaling
+def granite_scaled(dropout=0.2):  # its logits are lm_head(hidden) / logits_scaling
     torch.manual_seed(0)
     return transformers.GraniteForCausalLM(transformers.GraniteConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        logits_scaling=8.0, attention_dropout=0.2)).train()
+        logits_scaling=8.0, attention_dropout=dropout)).train()
 
 
 def roberta_decoder():  # its lm_head follows a dense layer, an activation and a norm
@@ -178,6 +178,40 @@ def test_logits_that_are_not_the_head_of_the_hidden_states(make):
     for got, want in ((calls[0], first), (calls[1], later)):
         for part, expected in zip(got, want, strict=True):
             torch.testing.assert_close(part, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+@no_dropout_on_purpose
+def test_head_check_waits_for_logits_that_tell():
+    # A head initialised to 0 gives logits of 0 whatever comes after it: the check cannot tell,
+    # so that call takes the model's logits and the next one checks again (a tolerance of 1e-2
+    # absolute once took it for lm_head(hidden) for good: a wrong loss once the head learnt)
+    model = granite_scaled(dropout=0.0)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    input_ids, attention_mask, labels = batch()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(2):
+            parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+            expected = reference_of_logits(model, input_ids, attention_mask, labels, alpha=1.0)
+            torch.testing.assert_close(parts.loss, expected.loss.detach(), rtol=1e-5, atol=1e-6)
+            warned = sum(w.category is HeadNotFusedWarning for w in caught)
+            assert warned == step  # none while undecided, then once
+            with torch.no_grad():
+                model.lm_head.weight.normal_()  # the head learns
+
+
+def test_prompt_tuning_inside_a_data_parallel_wrapper():
+    # DDP (and DataParallel) do not pass PEFT's attributes on: its config is read inside them
+    peft = pytest.importorskip("peft")
+    config = peft.PromptTuningConfig(task_type=peft.TaskType.CAUSAL_LM, num_virtual_tokens=4)
+    model = peft.get_peft_model(tiny_llama(), config)
+    input_ids, attention_mask, labels = batch()
+    losses = []
+    for wrapped in (model, torch.nn.DataParallel(model)):  # no GPU: it calls the model itself
+        torch.manual_seed(1)
+        losses.append(rdrop_causal_lm_loss(wrapped, input_ids, attention_mask, labels).loss)
+    torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
 
 
 def test_router_loss_of_a_mixture_of_experts():
@@ -435,3 +469,9 @@ def test_both_passes_of_a_packed_batch():
     for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
         assert twice[key].tolist() == [0, 5, 12, 16, 21, 28, 32]
     assert twice["max_length_q"] == 7 and twice["attention_mask"] is None
+    # both passes in one row (flash attention, no cu_seq_lens): the copy's sequences come after
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1]])
+    one_row = _both_passes(dict(position_ids=torch.tensor([[0, 1, 0, 1, 2]]), seq_idx=seq_idx),
+                           dim=1)
+    assert one_row["position_ids"].tolist() == [[0, 1, 0, 1, 2, 0, 1, 0, 1, 2]]
+    assert one_row["seq_idx"].tolist() == [[0, 0, 1, 1, 1, 2, 2, 3, 3, 3]]

@@ -86,11 +86,13 @@ def rdrop_causal_lm_loss(
     a plain tensor raises ``ValueError``.
 
     The first eager call on a model checks that its logits are the head applied to its last
-    hidden states (at the last position; one number read back to the host). Where they are not
+    hidden states (at the last position; two numbers read back to the host). Where they are not
     (Granite's and Cohere's scales, the transform of BERT-like decoders), it warns once
     (:class:`HeadNotFusedWarning`), runs the model again, and that model's loss takes its
-    logits from then on. A mixture of experts' router loss (``aux_loss``) is added times the
-    model's ``router_aux_loss_coef``, as the model adds it to its own loss.
+    logits from then on. Where both are all 0 (a head initialised to 0), that call takes the
+    model's logits and the next one checks again. A mixture of experts' router loss
+    (``aux_loss``) is added times the model's ``router_aux_loss_coef``, as the model adds it to
+    its own loss.
 
     Args:
         model: a ``*ForCausalLM`` model, or a PEFT model wrapping one (prompt tuning's virtual
@@ -110,7 +112,8 @@ def rdrop_causal_lm_loss(
             batch's label tokens.
         alpha, ignore_index, label_smoothing, chunk_size: as in
             :func:`fastrdrop.linear_rdrop_loss`.
-        model_kwargs: passed on to the model, each [B, ...] tensor twice along dim 0:
+        model_kwargs: passed on to the model, each [B, ...] tensor twice along dim 0 (along
+            dim 1 for a padding-free batch of one row under flash attention, see the README):
             ``position_ids`` of padding-free batches, and ``cu_seq_lens_q``/``cu_seq_lens_k``
             (flash attention's cumulative sequence lengths), which then cover both copies.
 
@@ -152,10 +155,14 @@ def rdrop_causal_lm_loss(
         out = model(**batch, output_hidden_states=True, logits_to_keep=keep)
         hidden = _passes(out.hidden_states[-1], seq_len, model, one_row)
         if check:
-            fused = _head_fused[base] = _logits_of_head(
-                out.logits[:, -1], out.hidden_states[-1][:, -1], head, softcap)
-            if not fused:
+            verdict = _logits_of_head(out.logits[:, -1], out.hidden_states[-1][:, -1], head,
+                                      softcap)
+            if verdict is not None:  # else the model's logits, and the check again next call
+                _head_fused[base] = verdict
+            if verdict is False:
                 warnings.warn(HEAD_NOT_FUSED, HeadNotFusedWarning, stacklevel=2)
+            fused = bool(verdict)
+            if not fused:
                 del out, hidden  # this forward's graph: the logits' forward follows
     if fused:
         # labels where the hidden states are, as transformers' own loss moves them (FSDP2 moves
@@ -186,18 +193,21 @@ def rdrop_causal_lm_loss(
 
 
 def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
-                    softcap: Optional[float]) -> bool:
+                    softcap: Optional[float]) -> Optional[bool]:
     """Whether the model's logits [2B, V] at a position are head(hidden [2B, H]) there,
-    softcapped: up to rounding, where a scale or a transform would be far off. Reads one number
-    back to the host (once per model)."""
+    softcapped: up to rounding, relative to the largest, where a scale or a transform would be
+    far off. None where both are all 0 (a head initialised to 0), which tells nothing. Reads two
+    numbers back to the host (on a model's first calls)."""
     if logits.shape[-1] != head.out_features or hidden.dtype != head.weight.dtype:
         return False
     with torch.no_grad():
         mine = F.linear(hidden, head.weight, head.bias).float()
         if softcap is not None:
             mine = softcap * torch.tanh(mine / softcap)
-        scale = logits.float().abs().max().clamp(min=1.0)
-        return bool((mine - logits.float()).abs().max() <= 1e-2 * scale)
+        theirs = logits.float()
+        largest = torch.maximum(mine.abs().max(), theirs.abs().max())
+        largest, apart = torch.stack([largest, (mine - theirs).abs().max()]).tolist()
+    return None if largest == 0 else apart <= 1e-2 * largest
 
 
 def _passes(t: Tensor, seq_len: int, model: nn.Module, one_row: bool) -> Tensor:
@@ -214,7 +224,7 @@ def _own_positions(t: Tensor, seq_len: int, model: nn.Module) -> Tensor:
     extra = t.shape[1] - seq_len
     if extra == 0:
         return t
-    peft_config = getattr(model, "active_peft_config", None)
+    peft_config = _peft_config(model)
     if (extra > 0 and getattr(peft_config, "is_prompt_learning", False)
             and extra == getattr(peft_config, "num_virtual_tokens", None)):
         return t[:, extra:]
@@ -251,12 +261,20 @@ def _in_one_row(model: nn.Module, base: nn.Module, batch: dict) -> bool:
     its sequences. In one row the second pass's positions start again at 0, a sequence of its
     own. The masks of the other attention implementations keep packed sequences apart in any
     batch (and flash attention does given cu_seq_lens_q/cu_seq_lens_k)."""
-    peft_config = getattr(model, "active_peft_config", None)
+    peft_config = _peft_config(model)
     shape = batch["input_ids"].shape  # [1, T], as every tensor of the batch must be
     return (_flash_attention(base.config) and shape[0] == 1
             and batch.get("attention_mask") is None and batch.get("position_ids") is not None
             and not getattr(peft_config, "is_prompt_learning", False)
             and all(v.shape == shape for v in batch.values() if torch.is_tensor(v)))
+
+
+def _peft_config(model: nn.Module):
+    """The active PEFT config of a PEFT model, inside DDP too (whose wrapper does not pass the
+    attribute on), or None."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return getattr(model, "active_peft_config", None)
 
 
 def _flash_attention(config) -> bool:
@@ -273,6 +291,8 @@ def _both_passes(batch: dict, dim: int = 0) -> dict:
             twice[key] = value
         elif key in ("cu_seq_lens_q", "cu_seq_lens_k"):
             twice[key] = torch.cat([value, value[1:] + value[-1]])
+        elif key == "seq_idx" and dim == 1:  # the sequences of one row: the copy's come after
+            twice[key] = torch.cat([value, value + value.max() + 1], dim=1)
         else:
             twice[key] = torch.cat([value, value], dim=dim)
     return twice
