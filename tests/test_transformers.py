@@ -214,6 +214,20 @@ def test_prompt_tuning_inside_a_data_parallel_wrapper():
     torch.testing.assert_close(losses[1], losses[0], rtol=0, atol=0)
 
 
+@no_dropout_on_purpose
+def test_head_offloaded_by_accelerate():
+    # device_map's offloading leaves lm_head's weight on the meta device outside its own forward:
+    # the loss takes the model's logits (it raised a TypeError naming the weight's device)
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny_llama(dropout=0.0)
+    input_ids, attention_mask, labels = batch()
+    expected = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels).loss
+    accelerate.cpu_offload(model.lm_head, execution_device="cpu")
+    assert model.lm_head.weight.device.type == "meta"
+    parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+    torch.testing.assert_close(parts.loss, expected, rtol=1e-5, atol=1e-6)
+
+
 def test_router_loss_of_a_mixture_of_experts():
     # Mixtral adds router_aux_loss_coef * aux_loss to its loss when it is given the labels; R-Drop
     # adds it to ce1 + ce2 + alpha kl (the router loss of the batch's two passes).

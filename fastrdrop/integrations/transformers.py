@@ -80,9 +80,9 @@ def rdrop_causal_lm_loss(
     wrappers such as FSDP see their forward): with a plain linear output embedding, its last
     hidden states, which go to :func:`fastrdrop.linear_rdrop_loss` with the head's weight (the
     logits are never materialised whole); with any other head (LoRA on ``lm_head``, FSDP2's
-    ``lm_head`` in a group of its own, a tensor-parallel ``lm_head`` whose weight is a DTensor),
-    its logits, which go to :func:`fastrdrop.stacked_rdrop_loss` (DTensor logits sharded on the
-    vocabulary included). A tensor-parallel head that returns its rank's slice of the logits as
+    ``lm_head`` in a group of its own, a tensor-parallel ``lm_head`` whose weight is a DTensor,
+    a head that ``device_map`` offloaded), its logits, which go to
+    :func:`fastrdrop.stacked_rdrop_loss` (DTensor logits sharded on the vocabulary included). A tensor-parallel head that returns its rank's slice of the logits as
     a plain tensor raises ``ValueError``.
 
     The first eager call on a model checks that its logits are the head applied to its last
@@ -147,7 +147,10 @@ def rdrop_causal_lm_loss(
                     reduction="mean" if num_items_in_batch is None else "sum",
                     return_parts=True)
     n, seq_len = input_ids.shape
-    fused = type(head) is nn.Linear and not is_dtensor(head.weight) and _head_fused.get(base, True)
+    # a head of its own weight: not a DTensor, nor offloaded (device_map's meta weight, which
+    # only its own forward loads)
+    fused = (type(head) is nn.Linear and not is_dtensor(head.weight)
+             and head.weight.device.type != "meta" and _head_fused.get(base, True))
     if fused:
         check = base not in _head_fused and not torch.compiler.is_compiling()
         # the last hidden states, and the logits of no position at all (of the last, to check)
@@ -165,8 +168,10 @@ def rdrop_causal_lm_loss(
             if not fused:
                 del out, hidden  # this forward's graph: the logits' forward follows
     if fused:
-        # labels where the hidden states are, as transformers' own loss moves them (FSDP2 moves
-        # the model's inputs to its device, not the labels)
+        # the hidden states where the head is (a model spread over devices by device_map), and
+        # the labels with them, as transformers' own loss moves them (FSDP2 moves the model's
+        # inputs to its device, not the labels)
+        hidden = hidden.to(head.weight.device)
         parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight,
                                   labels[:, 1:].to(hidden.device), head.bias, softcap=softcap,
                                   chunk_size=chunk_size, **keywords)
@@ -201,7 +206,7 @@ def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
     if logits.shape[-1] != head.out_features or hidden.dtype != head.weight.dtype:
         return False
     with torch.no_grad():
-        mine = F.linear(hidden, head.weight, head.bias).float()
+        mine = F.linear(hidden.to(head.weight.device), head.weight, head.bias).float()
         if softcap is not None:
             mine = softcap * torch.tanh(mine / softcap)
         theirs = logits.float()
