@@ -82,8 +82,9 @@ def rdrop_causal_lm_loss(
     logits are never materialised whole); with any other head (LoRA on ``lm_head``, FSDP2's
     ``lm_head`` in a group of its own, a tensor-parallel ``lm_head`` whose weight is a DTensor,
     a head that ``device_map`` offloaded), its logits, which go to
-    :func:`fastrdrop.stacked_rdrop_loss` (DTensor logits sharded on the vocabulary included). A tensor-parallel head that returns its rank's slice of the logits as
-    a plain tensor raises ``ValueError``.
+    :func:`fastrdrop.stacked_rdrop_loss` (DTensor logits sharded on the vocabulary included). A
+    tensor-parallel head that returns its rank's slice of the logits as a plain tensor raises
+    ``ValueError``.
 
     The first eager call on a model checks that its logits are the head applied to its last
     hidden states (at the last position; two numbers read back to the host). Where they are not
