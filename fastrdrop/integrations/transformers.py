@@ -278,9 +278,7 @@ def _in_one_row(model: nn.Module, base: nn.Module, batch: dict) -> bool:
 def _peft_config(model: nn.Module):
     """The active PEFT config of a PEFT model, inside DDP too (whose wrapper does not pass the
     attribute on), or None."""
-    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-        model = model.module
-    return getattr(model, "active_peft_config", None)
+    return getattr(_inside_data_parallel(model), "active_peft_config", None)
 
 
 def _flash_attention(config) -> bool:
@@ -323,13 +321,16 @@ def _dropout_active(model: nn.Module) -> bool:
 def _unwrap(model: nn.Module) -> nn.Module:
     """The ``*ForCausalLM`` inside DDP (``.module``) and PEFT (``get_base_model()``) wrappers.
     The loss still calls the wrapped model: the wrappers' forward is where they do their work."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "get_base_model"):
-            model = model.get_base_model()
-        else:
-            return model
+    model = _inside_data_parallel(model)
+    while hasattr(model, "get_base_model"):
+        model = _inside_data_parallel(model.get_base_model())
+    return model
+
+
+def _inside_data_parallel(model: nn.Module) -> nn.Module:
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return model
 
 
 def _install_output_capture(model: nn.Module) -> None:
