@@ -27,6 +27,7 @@ gradients, whose matmul with each rank's weight slice gives only that slice's sh
 Every rank must pass the same tokens, labels and keywords: the collectives pair up by order.
 """
 
+import weakref
 from typing import Optional
 
 import torch
@@ -163,20 +164,23 @@ def all_reduce_sum(tensors, group) -> None:
         t.copy_(part.view_as(t))
 
 
-_AGREED: dict = {}
+_AGREED: "weakref.WeakKeyDictionary[dist.ProcessGroup, dict]" = weakref.WeakKeyDictionary()
 
 
 def agree_min(value: int, key: tuple, group, device) -> int:
-    """The smallest ``value`` over the ranks, for a setting that every rank must share (the chunk
-    size of the fused linear loss, which sets how many collectives a call makes). Once per
-    ``key``, which must be the same on every rank: that call reads the result back to the host;
-    later calls with the key (a training loop's later steps) make no collective and no read."""
-    key = (id(group), *key)
-    if key not in _AGREED:
+    """The smallest ``value`` over the ranks of ``group``, for a setting that every rank must share
+    (the chunk size of the fused linear loss, which sets how many collectives a call makes). Once
+    per ``key`` and group, where ``key`` names everything ``value`` depends on (a rank's own
+    vocabulary slice included) and changes on every rank at the same call: that call reads the
+    result back to the host; later calls with the key (a training loop's later steps) make no
+    collective and no read. The results go with their group: a group created later, even at the
+    same address, agrees anew."""
+    agreed = _AGREED.setdefault(group, {})
+    if key not in agreed:
         held = torch.tensor([value], dtype=torch.int64, device=device)
         dist.all_reduce(held, op=dist.ReduceOp.MIN, group=group)
-        _AGREED[key] = int(held.item())
-    return _AGREED[key]
+        agreed[key] = int(held.item())
+    return agreed[key]
 
 
 class _GatheredVocab(torch.autograd.Function):

@@ -97,8 +97,8 @@ def linear_rdrop_loss(
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
                                         h1.device)
         if vocab_parallel_group is not None:  # every rank makes the same collectives
-            chunk_size = distributed.agree_min(chunk_size, (*h1.shape, h1.dtype),
-                                               vocab_parallel_group, h1.device)
+            key = (*h1.shape, weight.shape[0], h1.dtype, h1.device)
+            chunk_size = distributed.agree_min(chunk_size, key, vocab_parallel_group, h1.device)
     options = (float(alpha), ignore_index, float(label_smoothing),
                None if softcap is None else float(softcap), backend, chunk_size,
                vocab_parallel_group)

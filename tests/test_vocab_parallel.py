@@ -247,6 +247,33 @@ def test_dtensor_vocabulary_narrower_than_the_mesh():
     run_ranks(_empty_shard_body, 4)
 
 
+def _agreed_chunk_body(rank, world):
+    # the default chunk size is the smallest over the ranks, agreed once per problem: per head,
+    # for a rank's default depends on its own slice (here made to differ between the ranks)
+    from fastrdrop import linear
+
+    chosen = []
+    apply, default = linear.LinearRDropFunction.apply, linear.default_chunk_size
+    linear.LinearRDropFunction.apply = lambda *args: chosen.append(args[-1][5]) or apply(*args)
+    linear.default_chunk_size = lambda n, h, vocab, *_: vocab * (rank + 1)
+    try:
+        hidden = torch.randn(2 * N, H)
+        for scale in (1, 3, 1):
+            weight = torch.randn(scale * SPLITS[world][rank], H)
+            fastrdrop.linear_rdrop_loss(*hidden.chunk(2), weight, None,
+                                        vocab_parallel_group=dist.group.WORLD)
+    finally:
+        linear.LinearRDropFunction.apply, linear.default_chunk_size = apply, default
+    own = [scale * min(v * (r + 1) for r, v in enumerate(SPLITS[world])) for scale in (1, 3, 1)]
+    assert chosen == own, (chosen, own)
+    dist.barrier()
+
+
+def test_the_default_chunk_size_is_agreed_per_head():
+    # it was agreed once per hidden shape: a second head kept the first head's chunk size
+    run_ranks(_agreed_chunk_body, 2)
+
+
 def _compiled_body(rank, world, backend):
     torch._dynamo.reset()
     gen = torch.Generator().manual_seed(11)
