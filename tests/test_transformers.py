@@ -228,6 +228,25 @@ def test_head_offloaded_by_accelerate():
     torch.testing.assert_close(parts.loss, expected, rtol=1e-5, atol=1e-6)
 
 
+@no_dropout_on_purpose
+@pytest.mark.filterwarnings("ignore::fastrdrop.integrations.transformers.HeadNotFusedWarning")
+@pytest.mark.parametrize("make", [tiny_llama, granite_scaled])  # the fused path, the logits'
+def test_shift_labels_of_sequence_shards(make):
+    # Context parallelism shards the sequence after shifting the labels (shift_labels): a
+    # shard's last position predicts the first token of another shard, which no shift inside
+    # the shard can tell. The loss takes them as the model's own loss does (it shifted labels)
+    model = make(dropout=0.0)
+    input_ids, _, labels = batch()
+    shift_labels = torch.randint(0, VOCAB, labels.shape)
+    shift_labels[0, :3] = -100
+    parts = rdrop_causal_lm_loss(model, input_ids, None, labels, shift_labels=shift_labels)
+    expected = model(input_ids=input_ids, labels=labels, shift_labels=shift_labels).loss
+    for ce in (parts.ce1, parts.ce2):
+        torch.testing.assert_close(ce, expected.detach(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="shift_labels must have input_ids' shape"):
+        rdrop_causal_lm_loss(model, input_ids, shift_labels=shift_labels[:, 1:])
+
+
 def test_router_loss_of_a_mixture_of_experts():
     # Mixtral adds router_aux_loss_coef * aux_loss to its loss when it is given the labels; R-Drop
     # adds it to ce1 + ce2 + alpha kl (the router loss of the batch's two passes).

@@ -70,6 +70,7 @@ def rdrop_causal_lm_loss(
     label_smoothing: float = 0.0,
     num_items_in_batch: Optional[Tensor | int] = None,
     chunk_size: Optional[int] = None,
+    shift_labels: Optional[Tensor] = None,
     **model_kwargs,
 ) -> RDropParts:
     """R-Drop loss of a causal LM on a batch, its two passes in one forward of the model on the
@@ -107,6 +108,10 @@ def rdrop_causal_lm_loss(
             position t predicts label t + 1. In a packed batch the first label of each sequence
             must be ``ignore_index`` (TRL's collators do this), so that no position predicts
             across a boundary.
+        shift_labels: [B, T] labels already shifted, position t's own (``labels[:, t + 1]``);
+            they take the place of ``labels``, as in transformers' losses. Context and sequence
+            parallelism pass them: each rank holds shards of the sequence, whose boundaries a
+            shift inside the shard would misalign.
         num_items_in_batch: the number of label tokens over all gradient-accumulation
             micro-batches (what ``transformers.Trainer`` passes): the sum is divided by it, so
             that 4 micro-batches of 1 give the update of 1 batch of 4. None: mean over this
@@ -135,9 +140,15 @@ def rdrop_causal_lm_loss(
             _warned.add(model)  # once per model
             warnings.warn(NO_DROPOUT, NoDropoutWarning, stacklevel=2)
         _install_output_capture(base)
-    if labels is None:
-        labels = input_ids if attention_mask is None else input_ids.masked_fill(
-            attention_mask == 0, ignore_index)
+    if shift_labels is None:
+        if labels is None:
+            labels = input_ids if attention_mask is None else input_ids.masked_fill(
+                attention_mask == 0, ignore_index)
+        # position t predicts token t + 1; the last position predicts nothing
+        shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
+    elif shift_labels.shape != input_ids.shape:
+        raise ValueError(f"shift_labels must have input_ids' shape {tuple(input_ids.shape)}, "
+                         f"got {tuple(shift_labels.shape)}")
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     one_row = _in_one_row(model, base, batch)
     batch = _both_passes(batch, dim=1 if one_row else 0)
@@ -173,8 +184,8 @@ def rdrop_causal_lm_loss(
         # the labels with them, as transformers' own loss moves them (FSDP2 moves the model's
         # inputs to its device, not the labels)
         hidden = hidden.to(head.weight.device)
-        parts = linear_rdrop_loss(hidden[:n, :-1], hidden[n:, :-1], head.weight,
-                                  labels[:, 1:].to(hidden.device), head.bias, softcap=softcap,
+        parts = linear_rdrop_loss(hidden[:n], hidden[n:], head.weight,
+                                  shift_labels.to(hidden.device), head.bias, softcap=softcap,
                                   chunk_size=chunk_size, **keywords)
     else:
         # the model's own head (with its softcap): [2B, T, V], both passes stacked. So for a head
@@ -184,9 +195,7 @@ def rdrop_causal_lm_loss(
         out = model(**batch)
         logits = _passes(out.logits, seq_len, model, one_row)
         _check_whole_vocabulary(logits, head.weight)
-        # position t predicts token t + 1; the last position predicts nothing
-        shifted = F.pad(labels[:, 1:].to(logits.device), (0, 1), value=ignore_index)
-        parts = stacked_rdrop_loss(logits, shifted, **keywords)
+        parts = stacked_rdrop_loss(logits, shift_labels.to(logits.device), **keywords)
     if num_items_in_batch is not None:
         parts = RDropParts(*(part / num_items_in_batch for part in parts))
     aux_loss = getattr(out, "aux_loss", None)
