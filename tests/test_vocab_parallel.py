@@ -293,19 +293,23 @@ def _compiled_body(rank, world, backend):
     def pair(x):
         return fastrdrop.rdrop_loss(*(x * 1).chunk(2), target, **keywords)
 
-    def linear(h, w):
-        return fastrdrop.linear_rdrop_loss(*h.chunk(2), w, target, chunk_size=2, **keywords)
+    def linear(h, w, chunk_size):  # None: agreed over the ranks, once, while tracing
+        return fastrdrop.linear_rdrop_loss(*h.chunk(2), w, target, chunk_size=chunk_size,
+                                           **keywords)
 
     cases = [(functools.partial(stacked, inplace=False), [z[:, rows]]),
              (functools.partial(stacked, inplace=True), [z[:, rows]]),
-             (pair, [z[:, rows]]), (linear, [hidden, weight[rows]])]
+             (pair, [z[:, rows]]),
+             (functools.partial(linear, chunk_size=2), [hidden, weight[rows]]),
+             (functools.partial(linear, chunk_size=None), [hidden, weight[rows]])]
     for fn, tensors in cases:
         results = []
-        for run in (fn, torch.compile(fn, fullgraph=True)):
+        # compiled first: what it reads once (the agreed chunk size) it reads while tracing
+        for run in (torch.compile(fn, fullgraph=True), fn):
             leaves = [t.clone().requires_grad_() for t in tensors]
             loss = run(*leaves)
             results.append((loss.detach(), *torch.autograd.grad(loss, leaves)))
-        for eager, compiled in zip(*results, strict=True):
+        for compiled, eager in zip(*results, strict=True):
             torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     dist.barrier()
 
