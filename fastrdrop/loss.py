@@ -173,6 +173,10 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
             "not a view of another: stacked_rdrop_loss(logits, ...) on the logits as the model "
             "returns them (a compiled graph can give views, and tensors that share memory, "
             "each other's rows); or inplace_backward=False")
+    if inplace_backward and logits1.dtype == torch.float16 and torch.compiler.is_compiling():
+        # fp16 in place writes the gradients in the backward pass (ops.RDropLossFunction), into
+        # the saved logits, which a compiled backward graph cannot: compiled, the default mode
+        inplace_backward = False
     labels = None if target is None else target.reshape(-1).contiguous()
     weights = row_weights(target, batch_shape, ignore_index, reduction, logits1.device)
     softcap = None if softcap is None else float(softcap)

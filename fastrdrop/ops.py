@@ -555,21 +555,33 @@ class RDropLossFunction(torch.autograd.Function):
     such rows as they are. Other rows are scaled: in place, and in fp32 buffers. 16-bit buffers
     would then be rounded twice, so their rows are computed again from the saved logits, with
     the upstream gradient. New buffers serve a second backward (retain_graph=True) too: it
-    computes them again from the saved logits, as the default mode does. With a vocabulary split
-    across the ranks of ``group`` it runs in place only."""
+    computes them again from the saved logits, as the default mode does. fp16 in place computes
+    the stats alone, and the backward pass writes the gradients into the logits for its upstream
+    gradient (a loss scale). With a vocabulary split across the ranks of ``group`` it runs in
+    place only."""
 
     @staticmethod
     def forward(ctx, logits1, logits2, target, row_weight, alpha, ignore_index, label_smoothing,
                 softcap, backend, inplace, group):
         kernel_args = (ignore_index, label_smoothing, softcap, backend)
+        # fp16 is trained with a loss scale: its gradients, p / N for a mean, would be rounded to
+        # 0 before it reaches them. In place they wait for the backward pass and its upstream
+        # gradient (the logits are overwritten then).
+        ctx.pending = None
         if inplace and group is not None:  # the stats of the whole rows first, then the writes
             check_writable_rows(logits1, logits2)
             parts, stats, labels = vocab_parallel_rows(logits1, logits2, target, group,
                                                        *kernel_args)
-            write_gradients(logits1, logits2, labels, stats, row_weight, alpha,
-                            distributed.LOCAL_IGNORE, *kernel_args[1:])
+            ctx.pending = (labels, stats, row_weight, alpha, distributed.LOCAL_IGNORE,
+                           *kernel_args[1:])
+        elif inplace and logits1.dtype == torch.float16:
+            parts, stats = forward_rows(logits1, logits2, target, row_weight, alpha, *kernel_args)
+            ctx.pending = (target, stats, row_weight, alpha, *kernel_args)
         elif inplace:
             parts = forward_inplace(logits1, logits2, target, row_weight, alpha, *kernel_args)
+        if ctx.pending is not None and logits1.dtype != torch.float16:
+            write_gradients(logits1, logits2, *ctx.pending)
+            ctx.pending = None
         if inplace:
             # The kernel wrote through raw pointers: make autograd see it, so that an op that
             # saved the logits for its own backward fails loudly instead of reading gradients.
@@ -599,6 +611,10 @@ class RDropLossFunction(torch.autograd.Function):
         if hasattr(ctx, "recompute") and (ctx.grads is None or torch.compiler.is_compiling()):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
+        if ctx.pending is not None:  # fp16 in place: written now, for this upstream gradient
+            labels, stats, row_weight, *rest = ctx.pending
+            write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *rest)
+            return *grads, *[None] * 9
         if torch.compiler.is_compiling():
             # A compiled graph may run this backward more than once (retain_graph=True), so the
             # gradients stay as they are and each run returns them times its upstream gradient,

@@ -49,6 +49,28 @@ def test_compile_fullgraph_matches_eager(backend, inplace, stacked):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+def test_fp16_in_place(backend):
+    # fp16 in place writes its gradients in the backward pass, into the saved logits, which a
+    # compiled backward graph cannot: compiled, it runs the default mode, with eager's results
+    torch._dynamo.reset()
+
+    def step(logits, target):
+        return fastrdrop.stacked_rdrop_loss(logits, target, backend=backend,
+                                            inplace_backward=True)
+
+    base = torch.cat(logits_pair((4, 300), torch.float16))
+    target = labels((4,), 300)
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        leaf = base.clone().requires_grad_()
+        loss = fn(leaf * 1, target)
+        loss.backward(torch.tensor(2.0 ** 16, device=DEVICE))
+        results.append((loss.detach(), leaf.grad))
+    for eager, compiled_result in zip(*results, strict=True):
+        torch.testing.assert_close(compiled_result, eager, rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("inplace", [False, True])
 def test_sequence_length_changing_between_calls(backend, inplace):
     # T = 3, then 5 and 7: the second shape makes dynamo recompile with dynamic shapes, where a

@@ -38,6 +38,7 @@ CASES = [  # api, dtype, reduction, target, smoothing, softcap, in place, parts,
     ("linear", torch.float32, "mean", True, 0.1, 20.0, False, True, True, 0),
     ("linear", torch.float32, "none", False, 0.0, None, False, False, False, -100),
     ("linear", torch.bfloat16, "sum", True, 0.0, None, False, True, False, -100),
+    ("stacked", torch.float16, "mean", True, 0.1, None, True, False, True, -100),
 ]
 
 
