@@ -251,16 +251,15 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
 
 
 def _rows_overlap(a: Tensor, b: Tensor) -> bool:
-    """Whether two rows of a [n, V] and b [m, V] (contiguous last dims) share memory; two rows of
-    a itself when b is a. Exact for rows of one stride, by their span otherwise."""
+    """Whether two rows of a [n, V] and b [m, V] (contiguous last dims, on one device) share
+    memory; two rows of a itself when b is a. Exact for rows of one stride, by their span
+    otherwise. By address, not storage: two storages may hold one memory (numpy, dlpack)."""
     if a.numel() == 0 or b.numel() == 0:
         return False
     elem, (n, m) = a.element_size(), (a.shape[0], b.shape[0])
     row_bytes = a.shape[1] * elem
     if a is b:
         return n > 1 and a.stride(0) * elem < row_bytes
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
-        return False
     stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
     d = b.data_ptr() - a.data_ptr()
     if stride_a == stride_b and stride_a >= row_bytes:

@@ -246,9 +246,16 @@ def test_inplace_rejects_what_it_cannot_write(backend):
     # in-place ops refuse such overlap too); nothing is written
     both = torch.cat([z1, z2]) * 1
     expanded = (z1[:1] * 1).expand(4, 300)
-    for first, second, message in ((both[:4], both[1:5], "logits1 and logits2 overlap"),
-                                   (expanded, z2 * 1, "logits1's rows overlap"),
-                                   (z1 * 1, expanded, "logits2's rows overlap")):
+    cases = [(both[:4], both[1:5], "logits1 and logits2 overlap"),
+             (expanded, z2 * 1, "logits1's rows overlap"),
+             (z1 * 1, expanded, "logits2's rows overlap")]
+    if DEVICE.type == "cpu":  # two storages over one array's memory (from numpy, or dlpack)
+        array = torch.cat([z1, z2]).detach().numpy()
+        first, second = (torch.from_numpy(array[rows]).requires_grad_() for rows in
+                         (slice(0, 4), slice(1, 5)))
+        assert first.untyped_storage().data_ptr() != second.untyped_storage().data_ptr()
+        cases.append((first.view(4, 300), second.view(4, 300), "logits1 and logits2 overlap"))
+    for first, second, message in cases:
         kept = first.detach().clone(), second.detach().clone()
         with pytest.raises(ValueError, match=message):
             fastrdrop.rdrop_loss(first, second, target, backend=backend, inplace_backward=True)
