@@ -115,8 +115,15 @@ def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.devi
 
 def int64_labels(target: Optional[Tensor]) -> Optional[Tensor]:
     """The labels as int64 (the tensor itself when it is), for every comparison with
-    ignore_index and V: in a narrower dtype those numbers wrap (-100 is 156 in uint8)."""
-    return None if target is None else target.long()
+    ignore_index and V: in a narrower dtype those numbers wrap (-100 is 156 in uint8). uint64
+    labels of 2^63 or more, which int64 would wrap to negatives (2^64 - 100 to -100, an ignored
+    token), become int64's largest: past any vocabulary."""
+    if target is None:
+        return None
+    labels = target.long()
+    if target.dtype == torch.uint64:
+        labels = labels.masked_fill(labels < 0, torch.iinfo(torch.int64).max)
+    return labels
 
 
 def check_backend(backend: str) -> None:

@@ -41,6 +41,10 @@ BAD_INPUTS = [
     ("label too large", lambda a: a["target"].__setitem__(1, V), ValueError,
      f"target has labels outside [0, V={V})"),
     ("negative label", lambda a: a["target"].__setitem__(2, -1), ValueError, "ignore_index=-100"),
+    # int64 would wrap 2^64 - 100 to -100, an ignored token
+    ("uint64 label past int64", lambda a: a.update(target=torch.tensor(
+        [1, 2**64 - 100, 2, 3], dtype=torch.uint64, device=a["target"].device)), ValueError,
+     f"target has labels outside [0, V={V})"),
     ("unknown reduction", lambda a: a.update(reduction="avg"), ValueError, "reduction"),
     ("negative alpha", lambda a: a.update(alpha=-0.1), ValueError, "alpha must be >= 0"),
     ("alpha not a number", lambda a: a.update(alpha="1"), TypeError, "alpha"),
@@ -96,7 +100,7 @@ def test_bad_input(case, inplace, backend, request):
             f"{name} changed by a failed call"
 
 
-@pytest.mark.parametrize("case", BAD_INPUTS[:11], ids=[c[0] for c in BAD_INPUTS[:11]])
+@pytest.mark.parametrize("case", BAD_INPUTS[:12], ids=[c[0] for c in BAD_INPUTS[:12]])
 def test_reference_checks_the_same(case, request):
     name, change, error, words = case
     args = call_args()
