@@ -56,7 +56,7 @@ def test_bit_identical_with_one_and_two_threads(dtype, inplace):
 # row's odd last element apart: vocabularies around those sizes and past a block (2048), in both
 # modes (16-bit logits in the default mode take the backward pass's loop), with smoothing, and
 # with -inf entries (absent positions, which the loops must leave at 0).
-# From 4 MiB of gradients the AVX-512 loops write them around the caches into their buffer
+# From 8 MiB of gradients the AVX-512 loops write them around the caches into their buffer
 # (rdrop.cpp, Options::stream): whole 64-byte lines of rows that start on one, the rest as
 # before. Rows are independent, so the rows of a call too small to stream are the same bits.
 # V=32768: every row streamed; V=32024 (bf16 rows of 64048 bytes): the first row streamed up to
@@ -67,7 +67,7 @@ def test_bit_identical_with_one_and_two_threads(dtype, inplace):
 @pytest.mark.parametrize("vocab_size", [32768, 32024])
 @pytest.mark.parametrize("upstream", [1.0, 0.5])
 def test_gradients_written_around_the_caches(dtype, vocab_size, upstream):
-    n_rows = 40  # 2 x 40 x 32768 bf16 elements: 5 MiB
+    n_rows = 72  # 2 x 72 x 32768 bf16 elements: 9 MiB
     z1, z2 = logits_pair((n_rows, vocab_size), dtype)
     target = labels((n_rows,), vocab_size, logits=z1)
 

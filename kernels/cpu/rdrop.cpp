@@ -439,15 +439,17 @@ struct Options {
   bool has_target;
   // Write the gradients around the caches (the AVX-512 loops, into rows that are not the
   // logits, 64-byte aligned): a store to a line that is not in cache reads it first, and a
-  // gradient of kStreamBytes or more outgrows a core's L2 (1-2 MiB on current server cores):
-  // its lines are mostly not in cache when written, nor kept there for their reader. Streaming
-  // spares the read. stacked_rdrop_loss fwd+bwd in the default mode, Zen 5,
-  // builds alternating: 10-18% less time at 256 x 32000 (bf16 and fp32), 4-13% at 256 x 131072,
-  // 0.63 -> 0.33 ms at 16 x 32000 fp32 and 1.35 -> 0.78 ms at 64 x 32000 bf16; in place the same.
+  // gradient of kStreamBytes or more is mostly not in cache when written, nor kept there for
+  // its reader. Streaming spares the read. stacked_rdrop_loss fwd+bwd in the default mode, Zen 5
+  // (32 MiB of L3), streaming against not, builds alternating, two runs or more each: 10-26%
+  // less time at 256 x 32000 and 128 x 32000 (bf16 and fp32), 4-13% at 256 x 131072, 4-17% at
+  // 12-16 MB (48 and 64 x 32000 fp32, 96 x 32000 bf16). Smaller, the lines may still be in the
+  // L3: fp32 at 4.4 and 8.2 MB (17 and 32 x 32000) took 4-10% longer streamed, bf16 at 5-8 MB
+  // within 8% either way, at 10 MB both within 11%.
   bool stream = false;
 };
 
-constexpr int64_t kStreamBytes = int64_t{4} << 20;  // both gradients of a call
+constexpr int64_t kStreamBytes = int64_t{8} << 20;  // both gradients of a call
 
 // After a row's streamed stores: they are ordered before the stores that follow (the label's
 // entry, written again over one of them). Once a row, not once a block: the fence waits for
