@@ -329,6 +329,9 @@ def _row_grads(z1_row_ptr, z2_row_ptr, dz1_row_ptr, dz2_row_ptr, y, has_target, 
     on_row = has_target & (y >= 0) & (y < V)
     y = tl.where(on_row, y, 0)
     zy1, zy2, y_present = _load_block(z1_row_ptr, z2_row_ptr, y, V, softcap, SOFTCAP)
+    # every thread's reads of the label's entries (here and in _row_stats) before any thread's
+    # stores: in place, another warp may write the label's block while this one has yet to read
+    tl.debug_barrier()
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         z1, z2, present = _load_block(z1_row_ptr, z2_row_ptr, offs, V, softcap, SOFTCAP)

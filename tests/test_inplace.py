@@ -109,6 +109,25 @@ def test_fp16_gradients_in_place_see_the_loss_scale(backend, stacked):
     assert (grads[1][normal] != 0).all()
 
 
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="a race between a GPU's warps")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_label_entries_are_read_before_any_warp_writes_the_row(dtype):
+    # In place, one thread reads a row's label entries while the program's other warps write
+    # the row's gradients over its logits: labels in the first block (the frequent tokens) and
+    # many rows, in place against the default mode, whose gradients go to buffers of their own
+    n_rows, vocab_size = 4096, 32000
+    z1, z2 = logits_pair((n_rows, vocab_size), dtype)
+    target = torch.randint(0, 64, (n_rows,), device=DEVICE)
+    results = []
+    for inplace in (False, True):
+        leaf = torch.cat([z1, z2]).requires_grad_()
+        parts = fastrdrop.stacked_rdrop_loss(leaf * 1, target, reduction="sum", return_parts=True,
+                                             inplace_backward=inplace)
+        results.append((*parts[1:], *torch.autograd.grad(parts.loss, leaf)))
+    for what, default, inplace in zip(("ce1", "ce2", "kl", "grad"), *results, strict=True):
+        torch.testing.assert_close(inplace, default, rtol=1e-5, atol=1e-5, msg=what)
+
+
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("stacked", [False, True], ids=["halves", "stacked"])
 def test_inplace_bumps_the_version_counter(backend, stacked):
