@@ -74,7 +74,12 @@ def parse_args(argv=None):
                              "ranks instead of the providers (see cpu-vocab-parallel)")
     preset = parser.parse_args(argv).preset
     parser.set_defaults(**PRESETS.get(preset, {}))
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.warmup < 1:  # the first call compiles (torch.compile, Triton) or pages memory in
+        parser.error(f"--warmup must be >= 1, got {args.warmup}")
+    if args.repeats is not None and args.repeats < 2:  # a median with its quantiles
+        parser.error(f"--repeats must be >= 2, got {args.repeats}")
+    return args
 
 
 def case_groups(args, device):
@@ -97,6 +102,7 @@ def case_groups(args, device):
 
 def main():
     args = parse_args()
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # not a compile row timing eager
     device = torch.device(args.device)
     repeats = args.repeats or (GPU_GRID if device.type == "cuda" else CPU_GRID)["repeats"]
     env = environment(device)
@@ -107,6 +113,8 @@ def main():
     result = dict(environment=env, repeats=repeats, planned=sum(map(len, groups)), rows=rows)
     out = _out_folder(args, env)
     table = _write(out, result)
+    for stale in out.glob("*_vs_vocab.png"):  # an earlier run's, which this one replaces
+        stale.unlink()
     for group in report.progress(groups):
         first = group[0]
         key = (first.n_tokens, first.vocab_size, first.dtype)

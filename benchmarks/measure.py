@@ -2,6 +2,7 @@
 memory, and the device copy that bandwidth is compared with."""
 
 import gc
+import importlib.metadata
 import json
 import os
 import platform
@@ -202,15 +203,24 @@ def check_against_eager(fn, case, provider, inputs, target):
     if not torch.allclose(got, want, rtol=2e-3, atol=1e-3):
         raise WrongResult(f"loss {got.item():.6g}, reference {want.item():.6g}")
     if case.mode == "fwd+bwd" and provider.full_gradient:
-        # on the first tokens only (the weight of the linear providers whole): the check stays
-        # cheap next to the timing
+        # the reference's gradients on the first tokens only (the weight of the linear providers
+        # whole): the check stays cheap next to the timing. The provider's of those tokens, and
+        # for logits, those tokens' rows of its call at full size, the one that is timed (whose
+        # kernels may take other paths: on CPU gradients of 8 MiB or more are streamed)
         few, few_target = _first_rows(provider.inputs, inputs, target, 16)
-        got = call_once(fn, case, fresh_inputs(case, provider, few), few_target)
         want = call_once(reference, case, tuple(t.detach().clone() for t in few), few_target)
-        for g, w in zip(got, want, strict=True):
-            scale = w.abs().max().item()
-            if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-2 * scale):
-                raise WrongResult("gradients differ from the reference's")
+        checks = [call_once(fn, case, fresh_inputs(case, provider, few), few_target)]
+        if provider.inputs != "linear":
+            whole = call_once(fn, case, fresh_inputs(case, provider, inputs), target)
+            # a mean over N tokens: the rows' gradients are k / N of those of the k tokens
+            scale = len(target) / len(few_target)
+            checks.append(tuple(g * scale for g in _first_rows(provider.inputs, whole, target,
+                                                                 len(few_target))[0]))
+        for got in checks:
+            for g, w in zip(got, want, strict=True):
+                scale = w.abs().max().item()
+                if not torch.allclose(g.float(), w.float(), rtol=2e-2, atol=1e-2 * scale):
+                    raise WrongResult("gradients differ from the reference's")
 
 
 def measure(cases, device, repeats, warmup=2):
@@ -260,17 +270,20 @@ def measure_in_subprocess(cases, device, repeats, warmup=2):
 
 def environment(device):
     """What every result file names: device, versions, commit, date."""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own
+    versions = {}
+    for package in ("triton", "liger_kernel"):
+        try:
+            versions[package] = importlib.metadata.version(package.replace("_", "-"))
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own; "-dirty": the
+    # tree holds changes that no commit has
     commit = os.environ.get("FASTRDROP_COMMIT")
     try:
-        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"],
-                                          capture_output=True, text=True,
-                                          check=True).stdout.strip()
+        commit = commit or subprocess.run(
+            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude", "*"],
+            capture_output=True, text=True, check=True,
+            cwd=Path(__file__).parent).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     if device.type == "cuda":
@@ -278,7 +291,8 @@ def environment(device):
     else:
         name = f"{cpu_name()}, {torch.get_num_threads()} threads"
     return dict(device=name, device_type=device.type, torch=torch.__version__,
-                triton=triton_version, fastrdrop=fastrdrop.__version__,
+                triton=versions["triton"], liger_kernel=versions["liger_kernel"],
+                fastrdrop=fastrdrop.__version__,
                 backend=fastrdrop.loss.default_backend(device), python=platform.python_version(),
                 commit=commit, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
 
@@ -303,6 +317,7 @@ def cpu_name(cpuinfo="/proc/cpuinfo"):
 
 
 if __name__ == "__main__":
+    torch._dynamo.config.fail_on_recompile_limit_hit = True  # not a compile row timing eager
     request = json.loads(sys.argv[1])
     device = torch.device(request["device"])
     print(json.dumps(measure([Case(**c) for c in request["cases"]], device, request["repeats"],

@@ -43,6 +43,10 @@ def _eager():
 
 
 def _compiled():
+    # Every case compiles anew: its shapes would otherwise add graphs to the earlier cases' until
+    # Dynamo's recompile limit, past which it runs the function eagerly with a warning (the GPU
+    # runner measures every case in one process; the runner makes reaching it an error)
+    torch._dynamo.reset()
     return torch.compile(_on_halves(_eager()), dynamic=False)
 
 

@@ -44,10 +44,12 @@ def markdown(result):
     env = result["environment"]
     lines = [
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
-        f"fastrdrop {env['fastrdrop']} (backend {env['backend']}), commit {env['commit']}, "
+        + (f"liger-kernel {env['liger_kernel']}, " if env.get("liger_kernel") else "")
+        + f"fastrdrop {env['fastrdrop']} (backend {env['backend']}), commit {env['commit']}, "
         f"{env['date']}. Median of {result['repeats']} calls (20-80% quantiles); peak extra "
         "memory above the inputs, gradients included; GB/s on the minimal bytes (read both "
-        "logits, and write both gradients for fwd+bwd) and as a share of a device copy.",
+        "logits, and write both gradients for fwd+bwd) and as a share of a device copy. fwd: "
+        "the loss alone, under torch.no_grad().",
         "",
         "| N | V | H | dtype | mode | provider | median ms | 20-80% ms | vs eager "
         "| peak extra MiB | GB/s | of copy |",
@@ -78,6 +80,9 @@ def goals(result):
     rows = [r for r in result["rows"] if r["status"] == "ok" and r["mode"] == "fwd+bwd"]
     by = {(r["n_tokens"], r["vocab_size"], r.get("hidden_size", 0), r["dtype"], r["provider"]): r
           for r in rows}
+    failed = {(r["n_tokens"], r["vocab_size"], r.get("hidden_size", 0), r["dtype"],
+               r["provider"]): r["status"]
+              for r in result["rows"] if r["status"] != "ok" and r["mode"] == "fwd+bwd"}
     on_gpu = result["environment"]["device_type"] == "cuda"
     lines = ["Goals, fwd+bwd:", ""]
 
@@ -97,6 +102,10 @@ def goals(result):
                 if other[name]:
                     ratio = other[name]["median_ms"] / r["median_ms"]
                     check(label, f"{ratio:.1f}x faster than {name}", round(ratio, 1), goal, True)
+                elif (n, v, h, dtype, name) in failed:
+                    lines.append(f"- {label}: {name} not measured "
+                                 f"({failed[n, v, h, dtype, name]}): the goal against it is "
+                                 "not judged")
             if on_gpu:
                 share = r["fraction_of_copy"]  # = floor time / time
                 check(label, f"{1 / share:.2f}x the bandwidth floor", round(1 / share, 2), 1.3,
@@ -126,15 +135,15 @@ def goals(result):
             if eager:
                 share = r["peak_extra_mib"] / eager["peak_extra_mib"]
                 check(label, f"peak memory {100 * share:.1f}% of matmul+eager", round(share, 3),
-                      0.125 if on_gpu else 0.15, False)
+                      0.125, False)
             if unfused and not on_gpu:
                 share = r["peak_extra_mib"] / unfused["peak_extra_mib"]
                 check(label, f"peak memory {100 * share:.1f}% of matmul+fastrdrop",
                       round(share, 3), 0.4, False)
             if unfused:
                 ratio = r["median_ms"] / unfused["median_ms"]
-                check(label, f"time {ratio:.2f}x matmul+fastrdrop", round(ratio, 2),
-                      1.15 if on_gpu else 1.2, False)
+                check(label, f"time {ratio:.2f}x matmul+fastrdrop", round(ratio, 2), 1.15,
+                      False)
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,15 @@ the linear providers take hidden states of size H and a [V, H] weight."""
 import pytest
 import torch
 
-from benchmarks.measure import MODES, Case, call_once, fresh_inputs, make_inputs, synchronize
+from benchmarks.measure import (
+    MODES,
+    Case,
+    call_once,
+    check_against_eager,
+    fresh_inputs,
+    make_inputs,
+    synchronize,
+)
 from benchmarks.providers import PROVIDERS
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -21,12 +29,17 @@ def test_rdrop(benchmark, name, mode, size):
     reason = provider.unavailable(DEVICE)
     if reason is not None:
         pytest.skip(reason)
+    if mode == "fwd" and provider.grad_only:
+        pytest.skip("without grad it is another provider's call")
     case = Case(*size, name, mode, HIDDEN if provider.inputs == "linear" else 0)
     fn = provider.make()
     inputs, target = make_inputs(case, DEVICE)
+    check_against_eager(fn, case, provider, inputs, target)  # a wrong result is not timed
 
     def setup():  # outside the timed call: in-place providers get fresh copies of the logits
-        return (fresh_inputs(case, provider, inputs),), {}
+        fresh = fresh_inputs(case, provider, inputs)
+        synchronize(DEVICE)  # the copies made before the timer starts
+        return (fresh,), {}
 
     def timed(fresh):
         out = call_once(fn, case, fresh, target)

@@ -44,6 +44,27 @@ def test_a_wrong_provider_gets_a_row_that_says_so(monkeypatch):
     assert rows[1]["status"] == "ok"
 
 
+def test_gradients_wrong_at_full_size_only_are_caught(monkeypatch):
+    # the timed call is the full-size one, whose kernels may take other paths than the check's
+    # 16 tokens (streamed stores): its first tokens' gradients are checked too
+    stacked = measure.PROVIDERS["fastrdrop-stacked"]
+
+    def wrong_past_16_tokens():
+        loss = stacked.make()
+
+        def fn(logits, target):
+            extra = (logits - logits.detach()).sum() if len(target) > 16 else 0.0
+            return loss(logits, target) + 0.1 * extra  # the same loss, another gradient
+
+        return fn
+
+    monkeypatch.setitem(measure.PROVIDERS, "fastrdrop-stacked",
+                        dataclasses.replace(stacked, make=wrong_past_16_tokens))
+    (row,) = measure.measure([Case(32, 64, "float32", "fastrdrop-stacked", "fwd+bwd")],
+                             torch.device("cpu"), repeats=2, warmup=1)
+    assert row["status"] == "wrong result: gradients differ from the reference's"
+
+
 @pytest.mark.skipif(_native.unavailable_reason() is not None, reason="needs the native kernel")
 def test_cpu_peak_memory_is_the_gradient():
     # DESIGN.md 7: at most the gradient plus 5% of the input (here as large as the gradient).
@@ -114,3 +135,14 @@ def test_a_slice_of_the_grid_keeps_its_other_axes(device, sizes):
 def test_a_slice_gets_a_folder_of_its_own(argv, name):
     env = dict(device="H200", date="2026-12-06T03:00")
     assert runner.results_name(runner.parse_args(argv), env) == name
+
+
+def test_compiled_cases_in_one_process_stay_compiled(monkeypatch):
+    # The GPU runner measures every case in one process: each size added its graphs to the
+    # earlier sizes' until Dynamo's recompile limit (8), and then the "compile" rows timed the
+    # eager function, with a warning only. Here reaching the limit raises.
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    for vocab in (64, 96, 128):  # 3 graphs each: the check's two (no grad, 16 rows), the timed
+        (row,) = measure.measure([Case(32, vocab, "float32", "compile", "fwd+bwd")],
+                                 torch.device("cpu"), 2, 1)
+        assert row["status"] == "ok"
