@@ -4,6 +4,7 @@ import itertools
 
 STYLES = {  # provider -> (color, marker, linestyle): distinct in color and in shape
     "eager": ("#7f7f7f", "o", "--"),
+    "textbook": ("#e377c2", "h", "--"),
     "compile": ("#1f77b4", "s", "--"),
     "liger": ("#ff7f0e", "^", "-."),
     "fastrdrop": ("#bcbd22", "D", "-."),
