@@ -574,6 +574,7 @@ class RDropLossFunction(torch.autograd.Function):
             ctx.pending = (labels, stats, row_weight, alpha, distributed.LOCAL_IGNORE,
                            *kernel_args[1:])
         elif inplace and logits1.dtype == torch.float16:
+            check_writable_rows(logits1, logits2)  # before anything is computed
             parts, stats = forward_rows(logits1, logits2, target, row_weight, alpha, *kernel_args)
             ctx.pending = (target, stats, row_weight, alpha, *kernel_args)
         elif inplace:

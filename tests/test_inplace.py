@@ -252,8 +252,9 @@ def test_backward_kernel_leaves_the_rows_whose_upstream_gradient_is_one(backend,
 
 
 @pytest.mark.parametrize("backend", fused_backends())
-def test_inplace_rejects_what_it_cannot_write(backend):
-    z1, z2 = (z.requires_grad_() for z in logits_pair((4, 300), torch.float32))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)  # fp16 writes later
+def test_inplace_rejects_what_it_cannot_write(backend, dtype):
+    z1, z2 = (z.requires_grad_() for z in logits_pair((4, 300), dtype))
     target = labels((4,), 300)
     transposed = z1.detach().t().contiguous().t().requires_grad_()
     with pytest.raises(ValueError, match="logits1"):
