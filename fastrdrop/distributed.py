@@ -167,20 +167,27 @@ def all_reduce_sum(tensors, group) -> None:
 _AGREED: "weakref.WeakKeyDictionary[dist.ProcessGroup, dict]" = weakref.WeakKeyDictionary()
 
 
-def agree_min(value: int, key: tuple, group, device) -> int:
+def agree_min(value: int, key: tuple, owner, group, device) -> int:
     """The smallest ``value`` over the ranks of ``group``, for a setting that every rank must share
     (the chunk size of the fused linear loss, which sets how many collectives a call makes). Once
-    per ``key`` and group, where ``key`` names everything ``value`` depends on (a rank's own
-    vocabulary slice included) and changes on every rank at the same call: that call reads the
-    result back to the host; later calls with the key (a training loop's later steps) make no
-    collective and no read. The results go with their group: a group created later, even at the
-    same address, agrees anew."""
+    per ``key``, which must be the same on every rank, and ``owner``, each rank's own object that
+    ``value`` depends on (its slice of the output embedding: a rank's value depends on its slice,
+    whose size may change on one rank and not on another, so it cannot be part of the key). The
+    ranks make the same calls with their slices of the same heads, so a call with another owner,
+    on every rank, agrees anew. That call reads the result back to the host; later calls with the
+    key and the owner (a training loop's later steps) make no collective and no read. While a
+    graph is traced, an agreement of the key is taken whatever its owner; the eager call after
+    it agrees anew."""
     agreed = _AGREED.setdefault(group, {})
-    if key not in agreed:
-        held = torch.tensor([value], dtype=torch.int64, device=device)
-        dist.all_reduce(held, op=dist.ReduceOp.MIN, group=group)
-        agreed[key] = int(held.item())
-    return agreed[key]
+    tracing = torch.compiler.is_compiling()
+    held = agreed.get(key)
+    if held is not None and (tracing or held[1]() is owner):
+        return held[0]
+    result = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(result, op=dist.ReduceOp.MIN, group=group)
+    # the owner held weakly: one freed and another made at its address is another owner
+    agreed[key] = (int(result.item()), (lambda: None) if tracing else weakref.ref(owner))
+    return agreed[key][0]
 
 
 class _GatheredVocab(torch.autograd.Function):

@@ -60,7 +60,8 @@ def linear_rdrop_loss(
         bias: [V] or None.
         chunk_size: rows per chunk; None picks it with :func:`default_chunk_size` (with
             ``vocab_parallel_group``, the smallest over the ranks, agreed once per shape of the
-            hidden states: that first call reads one number back to the host).
+            hidden states and ``weight`` object: that first call reads one number back to the
+            host).
         alpha, ignore_index, reduction, label_smoothing, softcap, return_parts, backend: as in
             :func:`fastrdrop.rdrop_loss`. The parts of ``RDropParts`` carry no gradient.
         vocab_parallel_group: a process group whose rank r holds the rows of ``weight`` (and
@@ -97,8 +98,8 @@ def linear_rdrop_loss(
         chunk_size = default_chunk_size(h1.shape[0], h1.shape[1], weight.shape[0], h1.dtype,
                                         h1.device)
         if vocab_parallel_group is not None:  # every rank makes the same collectives
-            key = (*h1.shape, weight.shape[0], h1.dtype, h1.device)
-            chunk_size = distributed.agree_min(chunk_size, key, vocab_parallel_group, h1.device)
+            chunk_size = distributed.agree_min(chunk_size, (*h1.shape, h1.dtype, h1.device),
+                                               weight, vocab_parallel_group, h1.device)
     options = (float(alpha), ignore_index, float(label_smoothing),
                None if softcap is None else float(softcap), backend, chunk_size,
                vocab_parallel_group)

@@ -249,29 +249,37 @@ def test_dtensor_vocabulary_narrower_than_the_mesh():
 
 
 def _agreed_chunk_body(rank, world):
-    # the default chunk size is the smallest over the ranks, agreed once per problem: per head,
-    # for a rank's default depends on its own slice (here made to differ between the ranks)
+    # The default chunk size is the smallest over the ranks, agreed once per head: a rank's
+    # default depends on its own slice (made to differ here), whose size may change on one rank
+    # only (29 -> 30 entries on rank 0, 12 on rank 1), and then the ranks must still agree anew
+    # together. A head used again needs no agreement.
     from fastrdrop import linear
 
-    chosen = []
-    apply, default = linear.LinearRDropFunction.apply, linear.default_chunk_size
+    chosen, agreements = [], []
+    apply, default, all_reduce = (linear.LinearRDropFunction.apply, linear.default_chunk_size,
+                                  dist.all_reduce)
     linear.LinearRDropFunction.apply = lambda *args: chosen.append(args[-1][5]) or apply(*args)
     linear.default_chunk_size = lambda n, h, vocab, *_: vocab * (rank + 1)
+    dist.all_reduce = lambda tensor, *args, **kw: agreements.append(tensor.numel() == 1) or \
+        all_reduce(tensor, *args, **kw)
     try:
         hidden = torch.randn(2 * N, H)
-        for scale in (1, 3, 1):
-            weight = torch.randn(scale * SPLITS[world][rank], H)
+        heads = [torch.randn(sizes[rank], H) for sizes in ([29, 12], [58, 36], [30, 12])]
+        for weight in (heads[0], heads[1], heads[2], heads[2]):
             fastrdrop.linear_rdrop_loss(*hidden.chunk(2), weight, None,
                                         vocab_parallel_group=dist.group.WORLD)
     finally:
         linear.LinearRDropFunction.apply, linear.default_chunk_size = apply, default
-    own = [scale * min(v * (r + 1) for r, v in enumerate(SPLITS[world])) for scale in (1, 3, 1)]
-    assert chosen == own, (chosen, own)
+        dist.all_reduce = all_reduce
+    assert chosen == [24, 58, 24, 24], chosen  # min(29, 2 x 12), min(58, 2 x 36), ...
+    assert sum(agreements) == 3, agreements  # none for the head used again
     dist.barrier()
 
 
 def test_the_default_chunk_size_is_agreed_per_head():
-    # it was agreed once per hidden shape: a second head kept the first head's chunk size
+    # it was agreed once per hidden shape: a second head kept the first head's chunk size; then
+    # once per shape and rank's slice size, which one rank's new head could leave unchanged
+    # (that rank skipped the all-reduce the other made)
     run_ranks(_agreed_chunk_body, 2)
 
 
