@@ -58,8 +58,8 @@ gpu-short:  ## one 10-minute GPU call: the kernel tests (5 minutes at most), the
 	$(PYTHON) -m benchmarks --preset gpu-quick && \
 	$(PYTHON) -m benchmarks --tokens 8192 --vocab 32000 262144 --modes fwd+bwd \
 	    --providers fastrdrop fastrdrop-stacked fastrdrop-stacked-inplace fastrdrop-pair && \
-	if [ $$rc -ne 124 ]; then exit $$rc; fi; echo "kernel tests cut at $(CUT_S) s"; \
-	! grep -Eq '^(FAILED|ERROR) ' $$log
+	{ if [ $$rc -ne 124 ]; then exit $$rc; fi; echo "kernel tests cut at $(CUT_S) s"; \
+	  ! grep -Eq '^(FAILED|ERROR) ' $$log; }
 
 clean:  ## remove the virtual environment and build outputs
 	rm -rf $(VENV) build .pytest_cache .ruff_cache .hypothesis

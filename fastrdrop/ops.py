@@ -531,15 +531,16 @@ def refuse_create_graph():
 
 
 def take_gradients_once(ctx):
-    """The gradients computed in the forward pass, handed out (and scaled in place) once."""
+    """The gradients written in place or computed in the forward pass, handed out once."""
     grads = ctx.grads
     if torch.compiler.is_compiling():  # tracing may run a backward more than once
         return grads
     if grads is None:
         raise RuntimeError(
-            "fastrdrop: this loss computed its gradients during the forward pass and they were "
-            "already used; a second backward (retain_graph=True) needs inplace_backward=False "
-            "(or, for linear_rdrop_loss, reduction='none')")
+            "fastrdrop: this loss's gradients serve one backward pass (written in place, or "
+            "during the forward pass) and were already used; a second backward "
+            "(retain_graph=True) needs inplace_backward=False (or, for linear_rdrop_loss, "
+            "reduction='none')")
     ctx.grads = None
     return grads
 
@@ -565,23 +566,26 @@ class RDropLossFunction(torch.autograd.Function):
         kernel_args = (ignore_index, label_smoothing, softcap, backend)
         # fp16 is trained with a loss scale: its gradients, p / N for a mean, would be rounded to
         # 0 before it reaches them. In place they wait for the backward pass and its upstream
-        # gradient (the logits are overwritten then).
+        # gradient (the logits are overwritten then), which takes the saved labels, stats and
+        # row weights, and ctx.pending's (alpha, ignore_index of the labels, ...).
         ctx.pending = None
+        defer = inplace and logits1.dtype == torch.float16
         if inplace and group is not None:  # the stats of the whole rows first, then the writes
             check_writable_rows(logits1, logits2)
             parts, stats, labels = vocab_parallel_rows(logits1, logits2, target, group,
                                                        *kernel_args)
-            ctx.pending = (labels, stats, row_weight, alpha, distributed.LOCAL_IGNORE,
-                           *kernel_args[1:])
-        elif inplace and logits1.dtype == torch.float16:
+            rest = (alpha, distributed.LOCAL_IGNORE, *kernel_args[1:])
+            if not defer:
+                write_gradients(logits1, logits2, labels, stats, row_weight, *rest)
+        elif defer:
             check_writable_rows(logits1, logits2)  # before anything is computed
             parts, stats = forward_rows(logits1, logits2, target, row_weight, alpha, *kernel_args)
-            ctx.pending = (target, stats, row_weight, alpha, *kernel_args)
+            labels, rest = target, (alpha, *kernel_args)
         elif inplace:
             parts = forward_inplace(logits1, logits2, target, row_weight, alpha, *kernel_args)
-        if ctx.pending is not None and logits1.dtype != torch.float16:
-            write_gradients(logits1, logits2, *ctx.pending)
-            ctx.pending = None
+        if defer:
+            ctx.save_for_backward(labels, stats, row_weight)
+            ctx.pending = rest
         if inplace:
             # The kernel wrote through raw pointers: make autograd see it, so that an op that
             # saved the logits for its own backward fails loudly instead of reading gradients.
@@ -612,8 +616,11 @@ class RDropLossFunction(torch.autograd.Function):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
         if ctx.pending is not None:  # fp16 in place: written now, for this upstream gradient
-            labels, stats, row_weight, *rest = ctx.pending
-            write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *rest)
+            labels, stats, row_weight = ctx.saved_tensors
+            write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *ctx.pending)
+            for grad in grads:  # an op that saved the logits after this loss's forward fails
+                if grad is not None:
+                    torch.autograd.graph.increment_version(grad)
             return *grads, *[None] * 9
         if torch.compiler.is_compiling():
             # A compiled graph may run this backward more than once (retain_graph=True), so the

@@ -109,6 +109,26 @@ def test_fp16_gradients_in_place_see_the_loss_scale(backend, stacked):
     assert (grads[1][normal] != 0).all()
 
 
+@pytest.mark.parametrize("backend", fused_backends())
+def test_fp16_in_place_keeps_autograd_checks(backend):
+    # fp16's logits keep their values until the backward pass writes the gradients over them: an
+    # op that saved them after the loss's forward, and labels changed in between, make autograd
+    # raise, as in the other modes (both went through silently at first)
+    z = torch.cat(logits_pair((4, 300), torch.float16)).requires_grad_()
+    target = labels((4,), 300, ignored=0.0)
+    logits = z * 1
+    loss = fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, inplace_backward=True)
+    weight = torch.ones((), dtype=torch.float16, device=DEVICE, requires_grad=True)
+    aux = (logits * weight).sum()  # saves the logits for the weight's gradient
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        aux.backward()
+    loss = fastrdrop.stacked_rdrop_loss(z * 1, target, backend=backend, inplace_backward=True)
+    target.fill_(0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
 @pytest.mark.skipif(DEVICE.type != "cuda", reason="a race between a GPU's warps")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_label_entries_are_read_before_any_warp_writes_the_row(dtype):
