@@ -48,16 +48,22 @@ def test_compile_fullgraph_matches_eager(backend, inplace, stacked):
         torch.testing.assert_close(compiled_result, eager, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", fused_backends())
-def test_fp16_in_place(backend):
-    # fp16 in place writes its gradients in the backward pass, into the saved logits, which a
-    # compiled backward graph cannot: compiled, it runs the default mode, with eager's results
+def inplace_step(backend):
+    """stacked_rdrop_loss in place, a function to compile (Dynamo's caches emptied first)."""
     torch._dynamo.reset()
 
     def step(logits, target):
         return fastrdrop.stacked_rdrop_loss(logits, target, backend=backend,
                                             inplace_backward=True)
 
+    return step
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_fp16_in_place(backend):
+    # fp16 in place writes its gradients in the backward pass, into the saved logits, which a
+    # compiled backward graph cannot: compiled, it runs the default mode, with eager's results
+    step = inplace_step(backend)
     base = torch.cat(logits_pair((4, 300), torch.float16))
     target = labels((4,), 300)
     results = []
@@ -156,12 +162,7 @@ def test_dynamic_true(backend, api):
 def test_compiled_inplace_second_backward(backend):
     # retain_graph=True: two backward passes of a compiled in-place loss accumulate twice its
     # gradient (the upstream gradient was applied in place to the logits on every run: 4x)
-    torch._dynamo.reset()
-
-    def step(logits, target):
-        return fastrdrop.stacked_rdrop_loss(logits, target, backend=backend,
-                                            inplace_backward=True)
-
+    step = inplace_step(backend)
     z1, z2 = logits_pair((4, 90), torch.float32)
     base, target = torch.cat([z1, z2]), labels((4,), 90)
     grads = []
