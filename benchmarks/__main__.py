@@ -11,6 +11,7 @@ import argparse
 import itertools
 import json
 import re
+import statistics
 from dataclasses import asdict
 from pathlib import Path
 
@@ -108,7 +109,7 @@ def main():
     env = environment(device)
     if args.worlds:
         return main_vocab_parallel(args, env, repeats)
-    rows, copy_gbps = [], {}
+    rows, copy_seconds = [], {}
     groups = list(case_groups(args, device))
     result = dict(environment=env, repeats=repeats, planned=sum(map(len, groups)), rows=rows)
     out = _out_folder(args, env)
@@ -118,11 +119,12 @@ def main():
     for group in report.progress(groups):
         first = group[0]
         key = (first.n_tokens, first.vocab_size, first.dtype)
-        if key not in copy_gbps:
-            elem = torch.finfo(getattr(torch, first.dtype)).bits // 8
-            n_bytes = 2 * first.n_tokens * first.vocab_size * elem
-            # a copy reads and writes n_bytes
-            copy_gbps[key] = 2 * n_bytes / time_copy(n_bytes, device, max(repeats, 5)) / 1e9
+        # The copy of the size's logits, timed before each of its groups: the median of all
+        # those samples, so that no one moment of a shared machine sets every row's share
+        elem = torch.finfo(getattr(torch, first.dtype)).bits // 8
+        n_bytes = 2 * first.n_tokens * first.vocab_size * elem
+        copy_seconds.setdefault(key, []).extend(time_copy(n_bytes, device, max(repeats, 5)))
+        copy_gbps = 2 * n_bytes / statistics.median(copy_seconds[key]) / 1e9  # reads, writes
         reason = PROVIDERS[first.provider].unavailable(device)
         if reason is not None:
             group_rows = [dict(asdict(case), status=f"skipped: {reason}") for case in group]
@@ -131,11 +133,11 @@ def main():
         else:
             group_rows = measure(group, device, repeats, args.warmup)
             torch.cuda.empty_cache()
-        for row in group_rows:
-            if row["status"] == "ok":
-                row["copy_gbps"] = copy_gbps[key]
-                row["fraction_of_copy"] = row["gbps"] / copy_gbps[key]
         rows.extend(group_rows)
+        for row in rows:  # this size's rows so far, against the copy's samples so far
+            if row["status"] == "ok" and (row["n_tokens"], row["vocab_size"], row["dtype"]) == key:
+                row["copy_gbps"] = copy_gbps
+                row["fraction_of_copy"] = row["gbps"] / copy_gbps
         # after every group: a run cut short (a GPU lease ending) keeps what it measured
         table = _write(out, result)
     if not args.no_plots:
