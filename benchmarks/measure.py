@@ -278,13 +278,16 @@ def environment(device):
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own; "-dirty": the
-    # tree holds changes that no commit has
+    # tree holds changes that no commit has, but for results (a run rewrites its own files)
     commit = os.environ.get("FASTRDROP_COMMIT")
     try:
-        commit = commit or subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=7", "--exclude", "*"],
-            capture_output=True, text=True, check=True,
-            cwd=Path(__file__).parent).stdout.strip()
+        root = Path(__file__).parent.parent
+        commit = commit or subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root,
+                                          capture_output=True, text=True,
+                                          check=True).stdout.strip()
+        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".",
+                                  ":(exclude)benchmarks/results"], cwd=root).returncode
+        commit += "-dirty" if changed and "FASTRDROP_COMMIT" not in os.environ else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     if device.type == "cuda":
