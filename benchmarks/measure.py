@@ -214,9 +214,9 @@ def check_against_eager(fn, case, provider, inputs, target):
         if provider.inputs != "linear":
             whole = call_once(fn, case, fresh_inputs(case, provider, inputs), target)
             # a mean over N tokens: the rows' gradients are k / N of those of the k tokens
-            scale = len(target) / len(few_target)
-            checks.append(tuple(g * scale for g in _first_rows(provider.inputs, whole, target,
-                                                                 len(few_target))[0]))
+            per_token = len(target) / len(few_target)
+            checks.append(tuple(g * per_token for g in _first_rows(provider.inputs, whole, target,
+                                                                     len(few_target))[0]))
         for got in checks:
             for g, w in zip(got, want, strict=True):
                 scale = w.abs().max().item()

@@ -587,11 +587,7 @@ class RDropLossFunction(torch.autograd.Function):
             ctx.save_for_backward(labels, stats, row_weight)
             ctx.pending = rest
         if inplace:
-            # The kernel wrote through raw pointers: make autograd see it, so that an op that
-            # saved the logits for its own backward fails loudly instead of reading gradients.
-            torch.autograd.graph.increment_version(logits1)
-            if logits2 is not None:
-                torch.autograd.graph.increment_version(logits2)
+            _mark_written(logits1, logits2)  # fp16's too: its backward pass will write them
             # Detached aliases, not saved tensors: the logits now hold the gradients, and
             # unpacking a saved view whose storage changed would fail for views made by chunk.
             ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
@@ -618,9 +614,7 @@ class RDropLossFunction(torch.autograd.Function):
         if ctx.pending is not None:  # fp16 in place: written now, for this upstream gradient
             labels, stats, row_weight = ctx.saved_tensors
             write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *ctx.pending)
-            for grad in grads:  # an op that saved the logits after this loss's forward fails
-                if grad is not None:
-                    torch.autograd.graph.increment_version(grad)
+            _mark_written(*grads)  # for an op that saved the logits after this loss's forward
             return *grads, *[None] * 9
         if torch.compiler.is_compiling():
             # A compiled graph may run this backward more than once (retain_graph=True), so the
@@ -648,6 +642,14 @@ class RDropLossFunction(torch.autograd.Function):
         else:  # rows whose upstream gradient is 1 are left as they are
             SCALE_ROWS[ctx.backend](dz1, dz2, upstream)
         return *grads, *[None] * 9
+
+
+def _mark_written(*logits: Optional[Tensor]) -> None:
+    """The kernels write the logits through raw pointers: autograd is told, so that an op that
+    saved them for its own backward fails loudly instead of reading gradients."""
+    for t in logits:
+        if t is not None:
+            torch.autograd.graph.increment_version(t)
 
 
 def _is_one_on_cpu(upstream: Tensor) -> bool:
