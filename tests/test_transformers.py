@@ -17,6 +17,7 @@ from fastrdrop.integrations.transformers import (  # noqa: E402
     NoDropoutWarning,
     RDropTrainer,
     _both_passes,
+    _head_fused,
     rdrop_causal_lm_loss,
 )
 
@@ -125,6 +126,42 @@ def test_final_logit_softcap_of_the_config():
     assert logits.abs().max() <= 2.0  # the model's own logits are capped
     expected = fastrdrop.reference.rdrop_loss(logits[:3, :-1], logits[3:, :-1], labels[:, 1:])
     torch.testing.assert_close(parts.loss, expected.detach(), rtol=1e-5, atol=1e-6)
+
+
+def recurrent_gemma():  # caps its logits with logits_soft_cap
+    torch.manual_seed(0)
+    return transformers.RecurrentGemmaForCausalLM(transformers.RecurrentGemmaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=1, lru_width=32, attention_window_size=16,
+        block_types=["recurrent", "attention"], logits_soft_cap=30.0,
+        attention_dropout=0.0)).train()
+
+
+def llama_with_an_unused_cap():  # a softcap in its config, which its forward does not apply
+    model = tiny_llama(dropout=0.0)
+    model.config.final_logit_softcapping = 30.0
+    return model
+
+
+@no_dropout_on_purpose
+@pytest.mark.filterwarnings("ignore::fastrdrop.integrations.transformers.HeadNotFusedWarning")
+@pytest.mark.parametrize(("make", "fused"), [(recurrent_gemma, True),
+                                             (llama_with_an_unused_cap, False)])
+def test_softcap_that_small_logits_hide(make, fused):
+    # c tanh(z / c) is within 1% of z for |z| < c / 6: at the logits of a new head, the check
+    # once passed a cap that was not the model's (RecurrentGemma's, named logits_soft_cap, left
+    # out; a config's cap that the model does not apply, put in) and kept that verdict once the
+    # logits grew: 697 for a loss of 96. Now the cap is the model's, and a position where the
+    # cap would not show decides nothing.
+    model = make()
+    input_ids, attention_mask, labels = batch()
+    for scale in (1.0, 3.0, 100.0):  # the head learns
+        with torch.no_grad():
+            model.lm_head.weight.mul_(scale)
+        parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+        expected = reference_of_logits(model, input_ids, attention_mask, labels, alpha=1.0)
+        torch.testing.assert_close(parts.loss, expected.loss.detach(), rtol=1e-5, atol=1e-6)
+    assert _head_fused[model] is fused
 
 
 def reference_of_logits(model, input_ids, attention_mask, labels, alpha):

@@ -88,11 +88,13 @@ def rdrop_causal_lm_loss(
     ``ValueError``.
 
     The first eager call on a model checks that its logits are the head applied to its last
-    hidden states (at the last position; two numbers read back to the host). Where they are not
-    (Granite's and Cohere's scales, the transform of BERT-like decoders), it warns once
+    hidden states, softcapped as its config says (at the last position; three numbers read
+    back to the host). Where they are not (Granite's and Cohere's scales, the transform of
+    BERT-like decoders, a softcap that the model does not apply), it warns once
     (:class:`HeadNotFusedWarning`), runs the model again, and that model's loss takes its
-    logits from then on. Where both are all 0 (a head initialised to 0), that call takes the
-    model's logits and the next one checks again. A mixture of experts' router loss
+    logits from then on. Where that position cannot tell (logits all 0, from a head initialised
+    to 0; or too small for the softcap to change them), that call takes the model's logits and
+    the next one checks again. A mixture of experts' router loss
     (``aux_loss``) is added times the model's ``router_aux_loss_coef``, as the model adds it to
     its own loss.
 
@@ -100,7 +102,7 @@ def rdrop_causal_lm_loss(
         model: a ``*ForCausalLM`` model, or a PEFT model wrapping one (prompt tuning's virtual
             tokens are left out of the loss). Its output embedding may be tied to the input
             one; the config's ``final_logit_softcapping`` (Gemma 2; a multimodal model's text
-            config's) is applied when set.
+            config's) or ``logits_soft_cap`` (RecurrentGemma) is applied when set.
         input_ids: [B, T] token ids.
         attention_mask: [B, T] or None (padding-free batches carry ``position_ids`` instead).
         labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
@@ -134,7 +136,7 @@ def rdrop_causal_lm_loss(
     head = base.get_output_embeddings()
     config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else \
         base.config  # a multimodal model's text part holds the softcap
-    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = _final_softcap(config)
     if not torch.compiler.is_compiling():
         if model not in _warned and not _dropout_active(model):
             _warned.add(model)  # once per model
@@ -207,22 +209,40 @@ def rdrop_causal_lm_loss(
         parts.loss.device))
 
 
+def _final_softcap(config) -> Optional[float]:
+    """The cap c of the model's logits, c * tanh(z / c), where its config names one: Gemma 2's
+    final_logit_softcapping (and its descendants'), RecurrentGemma's logits_soft_cap."""
+    for name in ("final_logit_softcapping", "logits_soft_cap"):
+        value = getattr(config, name, None)
+        if value is not None:
+            return value
+    return None
+
+
 def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
                     softcap: Optional[float]) -> Optional[bool]:
     """Whether the model's logits [2B, V] at a position are head(hidden [2B, H]) there,
-    softcapped: up to rounding, relative to the largest, where a scale or a transform would be
-    far off. None where both are all 0 (a head initialised to 0), which tells nothing. Reads two
+    softcapped: up to rounding, relative to the largest (1e-3 where the logits were computed in
+    fp32, 1e-2 in 16 bits), where a scale or a transform would be far off. None where this
+    position cannot tell: both all 0 (a head initialised to 0), or logits too small for the
+    softcap to show (a model that does not apply its config's cap would pass too). Reads three
     numbers back to the host (on a model's first calls)."""
     if logits.shape[-1] != head.out_features or hidden.dtype != head.weight.dtype:
         return False
     with torch.no_grad():
-        mine = F.linear(hidden.to(head.weight.device), head.weight, head.bias).float()
-        if softcap is not None:
-            mine = softcap * torch.tanh(mine / softcap)
+        plain = F.linear(hidden.to(head.weight.device), head.weight, head.bias).float()
+        mine = plain if softcap is None else softcap * torch.tanh(plain / softcap)
         theirs = logits.float()
         largest = torch.maximum(mine.abs().max(), theirs.abs().max())
-        largest, apart = torch.stack([largest, (mine - theirs).abs().max()]).tolist()
-    return None if largest == 0 else apart <= 1e-2 * largest
+        largest, apart, uncapped_apart = torch.stack(
+            [largest, (mine - theirs).abs().max(), (plain - theirs).abs().max()]).tolist()
+    in_fp32 = logits.dtype == hidden.dtype == torch.float32 and not torch.is_autocast_enabled(
+        logits.device.type)
+    tolerance = (1e-3 if in_fp32 else 1e-2) * largest
+    if largest == 0 or (softcap is not None and apart <= tolerance
+                        and uncapped_apart <= tolerance):
+        return None
+    return apart <= tolerance
 
 
 def _passes(t: Tensor, seq_len: int, model: nn.Module, one_row: bool) -> Tensor:
