@@ -404,6 +404,53 @@ def test_trainer_label_smoothing_factor(tmp_path):
 
 
 @no_dropout_on_purpose
+def test_trainer_under_data_parallel_without_averaged_tokens(tmp_path, monkeypatch):
+    # One process on n_gpu GPUs (DataParallel) without average_tokens_across_devices: the Trainer
+    # divides the token count by n_gpu, for each replica's share of the batch. The R-Drop loss
+    # is the whole batch's, and was n_gpu times too large. (DataParallel itself leaves a CPU
+    # model as it is.)
+    model = tiny_llama(dropout=0.0)
+    input_ids, attention_mask, labels = batch()
+    inputs = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    count = int((labels[:, 1:] != -100).sum())
+    assert count % 2 == 0  # so that the Trainer's count // n_gpu is exact
+    single = RDropTrainer(model=model, args=trainer_args(tmp_path))
+    expected = single.compute_loss(model, inputs, num_items_in_batch=torch.tensor(count))
+    monkeypatch.setattr(transformers.TrainingArguments, "n_gpu", property(lambda self: 2))
+    args = trainer_args(tmp_path, average_tokens_across_devices=False)
+    two = RDropTrainer(model=model, args=args)
+    shares = torch.tensor(count // 2).unsqueeze(0).expand(2, -1)  # what the Trainer passes
+    loss = two.compute_loss(model, inputs, num_items_in_batch=shares)
+    torch.testing.assert_close(loss.mean(), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_trainer_refuses_a_loss_function_of_its_own(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func must be None"):
+        RDropTrainer(model=tiny_llama(), args=trainer_args(tmp_path),
+                     compute_loss_func=lambda outputs, labels, num_items_in_batch: 0.0)
+
+
+@pytest.mark.parametrize(("change", "error", "message"), [
+    (dict(input_ids=torch.zeros(12, dtype=torch.long)), ValueError,
+     r"input_ids must be a \[B, T\] tensor of token ids, got shape \[12\]"),
+    (dict(input_ids=torch.zeros(3, 12)), ValueError, "input_ids must be a .B, T. tensor"),
+    (dict(labels=torch.zeros(3, 11, dtype=torch.long)), ValueError,
+     r"labels must have input_ids' shape \[3, 12\], got shape \[3, 11\]"),
+    (dict(attention_mask=torch.ones(3, 11)), ValueError, "attention_mask must have input_ids'"),
+    (dict(shift_labels=torch.zeros(12, dtype=torch.long)), ValueError,
+     "shift_labels must have input_ids'"),
+    (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0, got -1"),
+    (dict(num_items_in_batch=2.5), TypeError, "num_items_in_batch must be an int or a tensor"),
+])
+def test_bad_batches_name_the_argument(change, error, message):
+    # they failed inside the model or the loss, under other names (IndexError, "target")
+    input_ids, attention_mask, labels = batch()
+    arguments = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels) | change
+    with pytest.raises(error, match=message):
+        rdrop_causal_lm_loss(tiny_llama(), **arguments)
+
+
+@no_dropout_on_purpose
 def test_trainer_logs_of_a_resumed_run(tmp_path):
     # ce and kl are logged as means over the steps since the last log: a run resumed from a
     # checkpoint logs what the uninterrupted run logs

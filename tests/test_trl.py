@@ -185,6 +185,44 @@ def test_gradient_accumulation(tmp_path):
                                    msg=f"parameter {name}")
 
 
+@pytest.mark.filterwarnings("ignore::fastrdrop.integrations.transformers.NoDropoutWarning")
+def test_router_loss_weighted_as_sft_trainer(tmp_path):
+    # SFTTrainer weights a mixture of experts' router loss with SFTConfig's router_aux_loss_coef
+    # (written into the config; the model's own attribute keeps the value it was built with), a
+    # mean over the accumulated micro-batches. The R-Drop step took the model's 0.001, once per
+    # micro-batch. Without dropout and with alpha 0, R-Drop is the cross entropy twice plus the
+    # router term, so it is SFTTrainer's loss with the term plus its loss without (coef 0).
+    tok = tokenizer()
+
+    def make(cls, coef, **kwargs):
+        torch.manual_seed(0)
+        model = transformers.MixtralForCausalLM(transformers.MixtralConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+            num_experts_per_tok=2, max_position_embeddings=128, attention_dropout=0.0,
+            router_aux_loss_coef=0.001, pad_token_id=tok.pad_token_id,
+            eos_token_id=tok.eos_token_id, bos_token_id=None))
+        args = trl.SFTConfig(
+            output_dir=str(tmp_path), per_device_train_batch_size=2, report_to=[], use_cpu=True,
+            save_strategy="no", disable_tqdm=True, max_length=32, router_aux_loss_coef=coef,
+            **no_checkpointing())
+        return cls(model=model.train(), args=args, train_dataset=text_data(),
+                   processing_class=tok, **kwargs)
+
+    rdrop = make(RDropSFTTrainer, 0.5, rdrop_alpha=0.0)
+    with_router, without = make(trl.SFTTrainer, 0.5), make(trl.SFTTrainer, 0.0)
+    batch = next(iter(rdrop.get_train_dataloader()))
+    count = (batch["labels"][:, 1:] != -100).sum()
+    for accumulation in (1, 2):
+        losses = []
+        for trainer in (rdrop, with_router, without):
+            trainer.current_gradient_accumulation_steps = accumulation
+            losses.append(trainer.compute_loss(trainer.model, dict(batch),
+                                               num_items_in_batch=count))
+        assert losses[1] > losses[2]  # a router term of weight 0.5 / accumulation
+        torch.testing.assert_close(losses[0], losses[1] + losses[2], rtol=1e-5, atol=1e-6)
+
+
 def test_example_runs(tmp_path, monkeypatch, capsys):
     example = os.path.join(os.path.dirname(__file__), "..", "examples", "sft_rdrop_trl.py")
     monkeypatch.setattr(sys, "argv", [example, "--steps", "10", "--output-dir", str(tmp_path)])

@@ -132,11 +132,27 @@ def rdrop_causal_lm_loss(
         ``RDropParts(loss, ce1, ce2, kl)``; ``loss`` carries the gradient, and holds the router
         loss where there is one.
     """
+    parts, router_loss = _parts_and_router_loss(
+        model, input_ids, attention_mask, labels, alpha=alpha, ignore_index=ignore_index,
+        label_smoothing=label_smoothing, num_items_in_batch=num_items_in_batch,
+        chunk_size=chunk_size, shift_labels=shift_labels, **model_kwargs)
+    if router_loss is None:
+        return parts
+    return parts._replace(loss=parts.loss + _router_aux_loss_coef(model) * router_loss)
+
+
+def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *, alpha=1.0,
+                           ignore_index=-100, label_smoothing=0.0, num_items_in_batch=None,
+                           chunk_size=None, shift_labels=None,
+                           **model_kwargs) -> tuple[RDropParts, Optional[Tensor]]:
+    """rdrop_causal_lm_loss without the router loss of a mixture of experts, and that loss
+    apart (on the loss's device; None where the model returns none), for the trainers, which
+    weight it as their base classes do."""
+    _check_batch(input_ids, attention_mask=attention_mask, labels=labels,
+                 shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
     base = _unwrap(model)
     head = base.get_output_embeddings()
-    config = base.config.get_text_config() if hasattr(base.config, "get_text_config") else \
-        base.config  # a multimodal model's text part holds the softcap
-    softcap = _final_softcap(config)
+    softcap = _final_softcap(_text_config(base))
     if not torch.compiler.is_compiling():
         if model not in _warned and not _dropout_active(model):
             _warned.add(model)  # once per model
@@ -148,9 +164,6 @@ def rdrop_causal_lm_loss(
                 attention_mask == 0, ignore_index)
         # position t predicts token t + 1; the last position predicts nothing
         shift_labels = F.pad(labels[:, 1:], (0, 1), value=ignore_index)
-    elif shift_labels.shape != input_ids.shape:
-        raise ValueError(f"shift_labels must have input_ids' shape {tuple(input_ids.shape)}, "
-                         f"got {tuple(shift_labels.shape)}")
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, **model_kwargs)
     one_row = _in_one_row(model, base, batch)
     batch = _both_passes(batch, dim=1 if one_row else 0)
@@ -198,15 +211,43 @@ def rdrop_causal_lm_loss(
         logits = _passes(out.logits, seq_len, model, one_row)
         _check_whole_vocabulary(logits, head.weight)
         parts = stacked_rdrop_loss(logits, shift_labels.to(logits.device), **keywords)
-    if num_items_in_batch is not None:
-        parts = RDropParts(*(part / num_items_in_batch for part in parts))
-    aux_loss = getattr(out, "aux_loss", None)
-    if aux_loss is None:
-        return parts
+    if num_items_in_batch is not None:  # 0: no label anywhere, and every sum 0, as is the mean
+        count = num_items_in_batch.clamp(min=1) if torch.is_tensor(num_items_in_batch) else \
+            max(num_items_in_batch, 1)
+        parts = RDropParts(*(part / count for part in parts))
     # a mixture of experts' router load-balancing loss, which the model adds to its own loss
     # only when it is given the labels
-    return parts._replace(loss=parts.loss + _router_aux_loss_coef(base, config) * aux_loss.to(
-        parts.loss.device))
+    aux_loss = getattr(out, "aux_loss", None)
+    return parts, None if aux_loss is None else aux_loss.to(parts.loss.device)
+
+
+def _check_batch(input_ids: Tensor, num_items_in_batch, **same_shape) -> None:
+    """ValueError or TypeError, naming the argument, for a batch that is not [B, T] tensors."""
+    if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise ValueError("input_ids must be a [B, T] tensor of token ids, got "
+                         f"{_described(input_ids)}")
+    for name, value in same_shape.items():
+        if value is not None and (not torch.is_tensor(value) or value.shape != input_ids.shape):
+            raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, got "
+                             f"{_described(value)}")
+    if num_items_in_batch is not None:
+        # a tensor: one count, or under DataParallel the Trainer's [n_gpu, 1] copies of it
+        if not (torch.is_tensor(num_items_in_batch) or isinstance(num_items_in_batch, int)
+                and not isinstance(num_items_in_batch, bool)):
+            raise TypeError("num_items_in_batch must be an int or a tensor, got "
+                            f"{num_items_in_batch!r}")
+        if isinstance(num_items_in_batch, int) and num_items_in_batch < 0:
+            raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+
+
+def _described(value) -> str:
+    return f"shape {list(value.shape)}" if torch.is_tensor(value) else repr(value)
+
+
+def _text_config(model: nn.Module):
+    """The config of the model's language model: a multimodal model's text part."""
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
 def _final_softcap(config) -> Optional[float]:
@@ -267,10 +308,12 @@ def _own_positions(t: Tensor, seq_len: int, model: nn.Module) -> Tensor:
                      "tokens: the loss cannot tell which of them are the batch's")
 
 
-def _router_aux_loss_coef(model: nn.Module, config) -> float:
-    """The weight of a mixture of experts' router loss, where transformers' models keep it."""
+def _router_aux_loss_coef(model: nn.Module) -> float:
+    """The weight of a mixture of experts' router loss, where transformers' models keep it: the
+    weight that the model's own forward gives it."""
+    model = _unwrap(model)
     for owner, name in ((model, "router_aux_loss_coef"), (model, "aux_loss_coef"),
-                        (config, "router_aux_loss_coef")):
+                        (_text_config(model), "router_aux_loss_coef")):
         value = getattr(owner, name, None)
         if value is not None:
             return value
@@ -395,6 +438,9 @@ class RDropTrainerMixin:
     def __init__(self, *args, rdrop_alpha: float = 1.0, rdrop_kwargs: Optional[dict] = None,
                  **kwargs):
         super().__init__(*args, **kwargs)
+        if getattr(self, "compute_loss_func", None) is not None:
+            raise ValueError("compute_loss_func must be None: the R-Drop trainers' training loss "
+                             "is rdrop_causal_lm_loss, which would silently take its place")
         self.rdrop_alpha = rdrop_alpha
         self.rdrop_kwargs = rdrop_kwargs or {}
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch
@@ -414,7 +460,7 @@ class RDropTrainerMixin:
         # every other entry of the batch (position_ids of packed batches, ...) goes to the model
         batch = dict(inputs)
         keywords = {"label_smoothing": self.args.label_smoothing_factor, **self.rdrop_kwargs}
-        parts = rdrop_causal_lm_loss(
+        parts, router_loss = _parts_and_router_loss(
             model, batch.pop("input_ids"), batch.pop("attention_mask", None),
             batch.pop("labels", None), alpha=self.rdrop_alpha,
             num_items_in_batch=num_items_in_batch, **keywords, **batch)
@@ -422,18 +468,38 @@ class RDropTrainerMixin:
         self.loss_is_scaled_for_ga = num_items_in_batch is not None
         accumulation = getattr(self, "current_gradient_accumulation_steps",  # set by train()
                                self.args.gradient_accumulation_steps)
-        scale = 1 if self.loss_is_scaled_for_ga else 1 / accumulation  # of the logged parts
-        loss = parts.loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # the token count is global, over the data-parallel processes, whose gradients are
-            # then averaged: each process's share, times their number
-            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            processes = self.accelerator.num_processes // tensor_parallel
-            loss, scale = loss * processes, scale * processes
-        # kept on the device, read when logged: reading them every step would wait for the GPU
+        factor = self._count_factor(num_items_in_batch)
+        loss = parts.loss * factor
+        if router_loss is not None:
+            loss = loss + self._weighted_router_loss(model, router_loss, num_items_in_batch,
+                                                     accumulation)
+        # of the logged parts, kept on the device and read when logged: reading them every step
+        # would wait for the GPU
+        scale = factor if self.loss_is_scaled_for_ga else factor / accumulation
         self._rdrop_sums["ce"] += (parts.ce1 + parts.ce2).detach() / 2 * scale
         self._rdrop_sums["kl"] += parts.kl.detach() * scale
         return (loss, {"ce": parts.ce1, "kl": parts.kl}) if return_outputs else loss
+
+    def _count_factor(self, num_items_in_batch) -> float:
+        """What the base class multiplies a loss divided by num_items_in_batch by."""
+        if num_items_in_batch is None:
+            return 1
+        if self.args.average_tokens_across_devices:
+            # the token count is global, over the data-parallel processes, whose gradients are
+            # then averaged: each process's share, times their number
+            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+            return self.accelerator.num_processes // tensor_parallel
+        # DataParallel (n_gpu > 1): the Trainer gave the count over n_gpu, which each replica's
+        # share of the batch would be divided by; this loss is the whole batch's
+        return 1 / max(self.args.n_gpu, 1)
+
+    def _weighted_router_loss(self, model, router_loss, num_items_in_batch, accumulation):
+        """A mixture of experts' router loss as transformers' Trainer weights it: the model adds
+        it to its own loss times its router_aux_loss_coef, and the Trainer multiplies that loss
+        by the processes where it averages the token count over them."""
+        averaged = num_items_in_batch is not None and self.args.average_tokens_across_devices
+        processes = self._count_factor(num_items_in_batch) if averaged else 1
+        return _router_aux_loss_coef(model) * router_loss * processes
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs and self.model.training:

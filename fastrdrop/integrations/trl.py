@@ -40,3 +40,19 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
             raise ValueError(
                 f"RDropSFTTrainer trains with cross entropy plus the symmetric KL, so "
                 f"SFTConfig's loss_type must be 'nll', got {loss_type!r}")
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.aux_loss_enabled:
+            # as SFTTrainer asks: multimodal wrappers read it from the call, not the config
+            inputs = {**inputs, "output_router_logits": True}
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def _weighted_router_loss(self, model, router_loss, num_items_in_batch, accumulation):
+        """A mixture of experts' router loss as SFTTrainer weights it: times its
+        router_aux_loss_coef (SFTConfig's, else the model config's; 0 turns it off), a mean over
+        the accumulated micro-batches where the loss is normalised by num_items_in_batch, and
+        not multiplied by the processes."""
+        if not self.aux_loss_enabled:
+            return 0.0
+        steps = accumulation if num_items_in_batch is not None else 1
+        return self.router_aux_loss_coef * router_loss / steps
