@@ -27,6 +27,7 @@ gradients, whose matmul with each rank's weight slice gives only that slice's sh
 Every rank must pass the same tokens, labels and keywords: the collectives pair up by order.
 """
 
+import functools
 import weakref
 from typing import Optional
 
@@ -154,11 +155,13 @@ def _finish(maxima, sums, lone, target, ignore_index, eps):
 
 
 def all_reduce_sum(tensors, group) -> None:
-    """Sums each tensor over the ranks of ``group``, in place, in one all-reduce."""
+    """Sums each tensor over the ranks of ``group``, in place, in one all-reduce, in fp32 (float64
+    where one of them is)."""
     tensors = [t for t in tensors if t is not None]
     if not tensors:
         return
-    flat = torch.cat([t.reshape(-1).float() for t in tensors])
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in tensors), torch.float32)
+    flat = torch.cat([t.reshape(-1).to(dtype) for t in tensors])
     dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     for t, part in zip(tensors, flat.split([t.numel() for t in tensors]), strict=True):
         t.copy_(part.view_as(t))

@@ -148,6 +148,30 @@ def test_matches_one_process(world, backend):
     run_ranks(_cases_body, world, backend)
 
 
+def _float64_linear_body(rank, world):
+    # float64 hidden states (the torch backend) keep float64 over the ranks: the gradients of the
+    # hidden states, each rank's share summed across them, were rounded to fp32 (3.6e-8 off)
+    case = ("linear", torch.float64, "mean", True, 0.1, None, False, False, False, -100)
+    (h1, h2, weight), target = inputs(case, world)
+    start = sum(SPLITS[world][:rank])
+    rows = slice(start, start + SPLITS[world][rank])
+
+    def loss(a, b, w, group=None):
+        return fastrdrop.linear_rdrop_loss(a, b, w, target, backend="torch", chunk_size=2,
+                                           vocab_parallel_group=group, label_smoothing=0.1)
+
+    got = loss_and_grads(functools.partial(loss, group=dist.group.WORLD),
+                         [h1, h2, weight[rows]], 0.7)
+    want = loss_and_grads(loss, [h1, h2, weight], 0.7)
+    for what, g, w in zip(("loss", "dhidden1", "dhidden2", "dweight slice"), got,
+                          (*want[:3], want[3][rows]), strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-14, msg=f"rank {rank}: {what}")
+
+
+def test_float64_linear_stays_float64_over_the_ranks():
+    run_ranks(_float64_linear_body, 2)
+
+
 def _lone_body(rank, world, backend):
     # a -inf in one pass only makes its row's KL +inf, also on a rank whose maxima are far below
     # the row's (its sums are scaled by exp(-300) = 0): rows 0 and 1, on rank 1 and rank 0
