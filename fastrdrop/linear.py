@@ -235,7 +235,9 @@ class LinearRDropFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_parts):
-        ops.refuse_create_graph()
+        # the chunks' gradients carry no graph on any backend, the reference's included
+        ops.refuse_create_graph("neither is linear_rdrop_loss's on any backend: for one, "
+                                "compute the logits and call rdrop_loss(..., backend='torch')")
         if ctx.deferred:
             hidden1, hidden2, weight, bias, target, row_weight = ctx.saved_tensors
             with torch.autocast(**ctx.autocast):

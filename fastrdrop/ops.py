@@ -519,15 +519,14 @@ torch.library.register_autograd(
     setup_context=_rdrop_forward_setup_context)
 
 
-def refuse_create_graph():
+def refuse_create_graph(remedy: str = "backend='torch' (the PyTorch reference) supports it"):
     """Backward passes with create_graph=True run with grad mode on: the fused backward passes
     are kernels, whose results carry no graph, so a gradient of the gradient would silently miss
     their part. Refused at once instead."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
         raise RuntimeError(
             "fastrdrop: create_graph=True (a gradient of the gradient) is not supported by the "
-            "fused kernels, whose backward pass is not differentiable; backend='torch' (the "
-            "PyTorch reference) supports it")
+            f"fused kernels, whose backward pass is not differentiable; {remedy}")
 
 
 def take_gradients_once(ctx):

@@ -204,6 +204,23 @@ def test_second_backward(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_create_graph_is_refused_with_a_remedy_that_works(backend):
+    # the chunks' gradients carry no graph on any backend; the message sent users of
+    # backend='torch' to backend='torch'
+    h1, h2 = torch.randn(2, 4, 8, device=DEVICE, requires_grad=True)
+    weight = torch.randn(16, 8, device=DEVICE, requires_grad=True)
+    target = torch.randint(0, 16, (4,), device=DEVICE)
+    loss = fastrdrop.linear_rdrop_loss(h1, h2, weight, target, backend=backend)
+    with pytest.raises(RuntimeError, match=r"create_graph.*rdrop_loss\(\.\.\., backend='torch'\)"):
+        torch.autograd.grad(loss, (h1, h2, weight), create_graph=True)
+    # that remedy: the matmul, then the reference
+    loss = fastrdrop.rdrop_loss(h1 @ weight.t(), h2 @ weight.t(), target, backend="torch")
+    (g,) = torch.autograd.grad(loss, (h1,), create_graph=True)
+    g.square().sum().backward()
+    assert weight.grad is not None and torch.isfinite(weight.grad).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp16", "fp32-under-autocast"])
 def test_fp16_gradients_see_the_loss_scale(backend, autocast):
     # fp16 training scales the loss (GradScaler) so that gradients such as p / N stay above fp16's
