@@ -29,7 +29,8 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
     It normalises by the label tokens of all gradient-accumulation micro-batches, logs ``ce``
     and ``kl`` next to the loss, and evaluates with ``SFTTrainer``'s own loss (dropout off). In
     training it computes neither TRL's ``entropy`` nor its ``mean_token_accuracy``, which need
-    the logits that the fused loss never materialises. Its training loss is cross entropy plus
+    the logits that the fused loss never materialises, nor counts its ``num_tokens``. Its
+    training loss is cross entropy plus
     KL: a ``loss_type`` other than ``"nll"`` (``"dft"``) raises a ``ValueError``.
     """
 
