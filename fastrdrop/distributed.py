@@ -3,7 +3,7 @@
 Rank r of a process group holds the logits of a contiguous slice of the vocabulary, [N, V_r],
 the slices in rank order (their sizes may differ). Each pass's log-sum-exp, the expectations
 E_p[D] and E_q[D] of the symmetric KL and the smoothing term are sums over the whole vocabulary
-(DESIGN.md section 2), so per row they come from each rank's partial statistics of its slice
+(README, "The math"), so per row they come from each rank's partial statistics of its slice
 (``_rdrop_partials_kernel``; ``partials_rows`` in ops.py): a reference m_k per pass at the top of
 the slice (its maximum from the Triton kernel, its log-sum-exp rounded to float from the native
 one) and, relative to it, s_k = sum exp(z_k - m_k), t_k = sum exp(z_k - m_k) D, sigma_k = sum

@@ -1,6 +1,6 @@
 """Triton kernels of the fused R-Drop loss: only ``@triton.jit`` code lives here.
 
-Math, per row (DESIGN.md section 2). ``z1, z2`` are one row of each pass, after the optional softcap
+Math, per row (README, "The math"). ``z1, z2`` are one row of each pass, after the optional softcap
 ``z = c * tanh(x / c)``; ``e_y`` is the one-hot of the label ``y``; ``eps`` the label smoothing.
 Each pass's log-sum-exp is kept as two numbers, its maximum ``m_k`` and ``log s_k`` with
 ``s_k = sum exp(z_k - m_k)``, so that ``p = exp((z1 - m1) - log s1)`` loses nothing to the rounding

@@ -1,6 +1,6 @@
 // Native CPU kernel of the fused R-Drop loss: OpenMP across rows, SIMD across the vocabulary.
 //
-// Math, per row (DESIGN.md section 2). z1, z2 are one row of each pass, after the optional
+// Math, per row (README, "The math"). z1, z2 are one row of each pass, after the optional
 // softcap z = c * tanh(x / c); e_y is the one-hot of the label y; eps the label smoothing. Each
 // pass's log-sum-exp is kept as m_k, itself rounded to float, and log s_k, s_k = sum exp(z_k -
 // m_k), the rest, so that p loses nothing to the rounding of a large lse = m + log s:
