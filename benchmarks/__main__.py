@@ -18,7 +18,15 @@ from pathlib import Path
 import torch
 
 from benchmarks import report, vocab_parallel
-from benchmarks.measure import MODES, Case, environment, measure, measure_in_subprocess, time_copy
+from benchmarks.measure import (
+    MODES,
+    Case,
+    environment,
+    measure,
+    measure_in_subprocess,
+    time_copy,
+    timings,
+)
 from benchmarks.providers import PROVIDERS
 
 # DESIGN.md section 6 on a GPU; on 2 CPU cores, sizes that finish in a few minutes. The linear
@@ -66,6 +74,10 @@ def parse_args(argv=None):
                         default=DEFAULTS["providers"])
     parser.add_argument("--modes", nargs="+", choices=MODES, default=DEFAULTS["modes"])
     parser.add_argument("--repeats", type=int, help="timed calls per case (median reported)")
+    parser.add_argument("--rounds", type=int,
+                        help="times the cases are timed in turn, the repeats split among them, "
+                             "each row the median of all its calls: so that no one moment of a "
+                             "shared machine sets a row (default: 3 on CPU, 1 on GPU)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>, then the preset and the options given beyond it)")
@@ -80,6 +92,8 @@ def parse_args(argv=None):
         parser.error(f"--warmup must be >= 1, got {args.warmup}")
     if args.repeats is not None and args.repeats < 2:  # a median with its quantiles
         parser.error(f"--repeats must be >= 2, got {args.repeats}")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     return args
 
 
@@ -109,41 +123,64 @@ def main():
     env = environment(device)
     if args.worlds:
         return main_vocab_parallel(args, env, repeats)
-    rows, copy_seconds = [], {}
+    rounds = args.rounds or (1 if device.type == "cuda" else 3)
+    per_round = max(2, -(-repeats // rounds))  # each round's rows need their own quantiles
+    rows, copy_seconds, row_of = [], {}, {}
     groups = list(case_groups(args, device))
-    result = dict(environment=env, repeats=repeats, planned=sum(map(len, groups)), rows=rows)
+    result = dict(environment=env, repeats=per_round * rounds, rounds=rounds, rounds_done=0,
+                  planned=sum(map(len, groups)), rows=rows)
     out = _out_folder(args, env)
     table = _write(out, result)
     for stale in out.glob("*_vs_vocab.png"):  # an earlier run's, which this one replaces
         stale.unlink()
-    for group in report.progress(groups):
-        first = group[0]
-        key = (first.n_tokens, first.vocab_size, first.dtype)
+    for i, group in enumerate(report.progress(groups * rounds)):
+        first = i < len(groups)  # the first round also checks results and measures memory
+        head = group[0]
+        key = (head.n_tokens, head.vocab_size, head.dtype)
+        reason = PROVIDERS[head.provider].unavailable(device)
+        if reason is not None and not first:
+            continue
         # The copy of the size's logits, timed before each of its groups: the median of all
         # those samples, so that no one moment of a shared machine sets every row's share
-        elem = torch.finfo(getattr(torch, first.dtype)).bits // 8
-        n_bytes = 2 * first.n_tokens * first.vocab_size * elem
-        copy_seconds.setdefault(key, []).extend(time_copy(n_bytes, device, max(repeats, 5)))
+        elem = torch.finfo(getattr(torch, head.dtype)).bits // 8
+        n_bytes = 2 * head.n_tokens * head.vocab_size * elem
+        copy_seconds.setdefault(key, []).extend(time_copy(n_bytes, device, max(per_round, 5)))
         copy_gbps = 2 * n_bytes / statistics.median(copy_seconds[key]) / 1e9  # reads, writes
-        reason = PROVIDERS[first.provider].unavailable(device)
         if reason is not None:
             group_rows = [dict(asdict(case), status=f"skipped: {reason}") for case in group]
         elif device.type == "cpu":
-            group_rows = measure_in_subprocess(group, device, repeats, args.warmup)
+            group_rows = measure_in_subprocess(group, device, per_round, args.warmup, first)
         else:
-            group_rows = measure(group, device, repeats, args.warmup)
+            group_rows = measure(group, device, per_round, args.warmup, first)
             torch.cuda.empty_cache()
-        rows.extend(group_rows)
+        for case, row in zip(group, group_rows, strict=True):
+            _merge(rows, row_of, case, row, i // len(groups))
         for row in rows:  # this size's rows so far, against the copy's samples so far
             if row["status"] == "ok" and (row["n_tokens"], row["vocab_size"], row["dtype"]) == key:
                 row["copy_gbps"] = copy_gbps
                 row["fraction_of_copy"] = row["gbps"] / copy_gbps
+        result["rounds_done"] = (i + 1) // len(groups)
         # after every group: a run cut short (a GPU lease ending) keeps what it measured
         table = _write(out, result)
     if not args.no_plots:
         report.plots(result, out)
     print(table)
     print(f"results written to {out}")
+
+
+def _merge(rows, row_of, case, row, round_index):
+    """A case's row of one round into the run's rows: the first round's as it is, a later
+    round's calls added to its samples (or, where that round failed, its status)."""
+    earlier = row_of.get(case)
+    if earlier is None:
+        row_of[case] = row
+        rows.append(row)
+    elif earlier["status"] != "ok":
+        pass
+    elif row["status"] != "ok":
+        earlier.update(status=f"{row['status']} (round {round_index + 1})")
+    else:
+        earlier.update(timings(case, earlier["samples_ms"] + row["samples_ms"]))
 
 
 def _write(out, result):

@@ -224,25 +224,33 @@ def check_against_eager(fn, case, provider, inputs, target):
                     raise WrongResult("gradients differ from the reference's")
 
 
-def measure(cases, device, repeats, warmup=2):
+def timings(case, samples_ms):
+    """A row's time fields from its samples (ms): median, 20% and 80% quantiles, GB/s."""
+    median, q20, q80 = quantiles(samples_ms)
+    return dict(samples_ms=list(samples_ms), median_ms=median, q20_ms=q20, q80_ms=q80,
+                gbps=case.min_bytes() / median * 1e3 / 1e9)
+
+
+def measure(cases, device, repeats, warmup=2, first=True):
     """One row of results per case: times, memory, bandwidth; or a status saying why not. On CPU
     every case is timed before any memory is measured: that measurement changes how glibc serves
-    later allocations (_release_freed_memory), which would slow the timing of later cases."""
+    later allocations (_release_freed_memory), which would slow the timing of later cases.
+    first=False: a later round of cases measured before, which times them alone (no check
+    against the reference, no memory)."""
     rows, memory_later = [], []
     for case in cases:
         provider = PROVIDERS[case.provider]
         try:
             fn = provider.make()
             inputs, target = make_inputs(case, device)
-            check_against_eager(fn, case, provider, inputs, target)
+            if first:
+                check_against_eager(fn, case, provider, inputs, target)
             samples = time_calls(fn, case, provider, inputs, target, device, repeats, warmup)
-            median, q20, q80 = quantiles(samples)
-            row = dict(asdict(case), status="ok", median_ms=median * 1e3, q20_ms=q20 * 1e3,
-                       q80_ms=q80 * 1e3, gbps=case.min_bytes() / median / 1e9,
+            row = dict(asdict(case), status="ok", **timings(case, [t * 1e3 for t in samples]),
                        input_mib=sum(t.numel() * t.element_size() for t in inputs) / 2**20)
-            if device.type == "cpu":
+            if first and device.type == "cpu":
                 memory_later.append((row, fn, case, provider))
-            else:
+            elif first:
                 row["peak_extra_mib"] = peak_extra_bytes(fn, case, provider, inputs, target,
                                                          device) / 2**20
         except torch.OutOfMemoryError:
@@ -259,11 +267,11 @@ def measure(cases, device, repeats, warmup=2):
     return rows
 
 
-def measure_in_subprocess(cases, device, repeats, warmup=2):
+def measure_in_subprocess(cases, device, repeats, warmup=2, first=True):
     """measure() of the cases in one fresh process, so that the peak resident memory of a case
     is its own and not that of another provider (the cases share a provider and sizes)."""
     args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats,
-                           warmup=warmup))
+                           warmup=warmup, first=first))
     done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args], check=True,
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -325,4 +333,4 @@ if __name__ == "__main__":
     request = json.loads(sys.argv[1])
     device = torch.device(request["device"])
     print(json.dumps(measure([Case(**c) for c in request["cases"]], device, request["repeats"],
-                             request["warmup"])))
+                             request["warmup"], request["first"])))

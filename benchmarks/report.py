@@ -47,7 +47,8 @@ def markdown(result):
         f"Device: **{env['device']}**; torch {env['torch']}, triton {env['triton']}, "
         + (f"liger-kernel {env['liger_kernel']}, " if env.get("liger_kernel") else "")
         + f"fastrdrop {env['fastrdrop']} (backend {env['backend']}), commit {env['commit']}, "
-        f"{env['date']}. Median of {result['repeats']} calls (20-80% quantiles); peak extra "
+        f"{env['date']}. Median of {result['repeats']} calls{_rounds(result)} (20-80% "
+        "quantiles); peak extra "
         "memory above the inputs, gradients included; GB/s on the minimal bytes (read both "
         "logits, and write both gradients for fwd+bwd) and as a share of a device copy. fwd: "
         "the loss alone, under torch.no_grad().",
@@ -72,7 +73,18 @@ def markdown(result):
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     if len(result["rows"]) < result.get("planned", 0):
         lines += ["", f"Cut short: {len(result['rows'])} of {result['planned']} cases measured."]
+    elif result.get("rounds_done", 1) < result.get("rounds", 1):
+        lines += ["", f"Cut short in round {result['rounds_done'] + 1} of {result['rounds']}: "
+                  "each row holds the calls of the rounds it ran in."]
     return "\n".join(lines) + "\n"
+
+
+def _rounds(result):
+    rounds = result.get("rounds", 1)
+    if rounds == 1:
+        return ""
+    return (f" in {rounds} rounds (the cases timed in turn, {result['repeats'] // rounds} calls "
+            "each a round, in a process of their own on CPU)")
 
 
 def goals(result):
