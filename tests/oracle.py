@@ -74,13 +74,14 @@ def max_err(x, truth):
     return (x.double() - truth).abs().max().item() if truth.numel() else 0.0
 
 
-def assert_oracle_rule(fused, eager, truth, dtype, what, extra_roundings=0):
-    """err(fused) <= 2 err(eager) + atol * max|truth| + FLOOR, with both errors in the message.
+def assert_oracle_rule(fused, eager, truth, dtype, what, extra_roundings=0, floor=FLOOR):
+    """err(fused) <= 2 err(eager) + atol * max|truth| + floor, with both errors in the message.
     ``extra_roundings``: roundings to ``dtype`` that fused does and eager does not, each allowed
-    half an epsilon of the scale."""
+    half an epsilon of the scale. ``floor``: FLOOR, or more where the fused result rounds terms
+    larger than ~10 that cancel (the native kernel's folded E_p[D])."""
     err_fused, err_eager = max_err(fused, truth), max_err(eager, truth)
     scale = truth.abs().max().item() if truth.numel() else 0.0
-    bound = 2 * err_eager + ATOL[dtype] * scale + FLOOR
+    bound = 2 * err_eager + ATOL[dtype] * scale + floor
     bound += extra_roundings * torch.finfo(dtype).eps / 2 * scale
     assert err_fused <= bound, (
         f"{what}: err {err_fused:.3g} > 2 * eager err {err_eager:.3g} + atol "
