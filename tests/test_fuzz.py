@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 import fastrdrop
 
 from conftest import DEVICE, fused_backends
-from oracle import FLOOR, assert_oracle_rule, oracle_loss
+from oracle import FLOOR, assert_oracle_rule, native_floor, oracle_loss
 
 EXAMPLES = int(os.environ.get("FASTRDROP_FUZZ_EXAMPLES", "60"))
 BACKENDS = [*fused_backends(), "torch"]
@@ -161,13 +161,8 @@ def test_layouts_equal_the_reference_or_raise_a_named_error(backend, case):
     # allowance a drawn example failed (bf16 in place, 0.8 of an ulp off at the largest entry)
     extra = int(keywords["inplace_backward"] and backend != "torch"
                 and case["dtype"] != torch.float16)
-    floor = FLOOR
-    if backend == "native":
-        # its fold (README, "The math") rounds terms h p D, h = alpha / 2 times the upstream
-        # gradient of 1.3, which cancel where the gradient is 0 (V = 1: 1.4e-6 at |D| = 7.5)
-        z1, z2 = (t.float() for t in (before[0].chunk(2) if stacked else before))
-        fold = keywords["alpha"] * 1.3 / 2 * (z1 - z2).abs().max().item() if z1.numel() else 0
-        floor += 2 * torch.finfo(torch.float32).eps * fold
+    floor = FLOOR if backend != "native" else native_floor(
+        *(before[0].chunk(2) if stacked else before), keywords["alpha"], 1.3)
     for what, f, e, t in zip(whats, got, eager, truth, strict=True):
         assert_oracle_rule(f, e, t, case["dtype"], what,
                            extra_roundings=extra if what != "loss" else 0, floor=floor)
