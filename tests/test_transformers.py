@@ -404,6 +404,38 @@ def test_trainer_label_smoothing_factor(tmp_path):
 
 
 @no_dropout_on_purpose
+def test_a_model_s_own_four_dimensional_mask():
+    # transformers takes a [B, 1, T, T] mask of the model's own (packed sequences): the loss
+    # passes it on, twice along dim 0
+    model = tiny_llama(dropout=0.0)
+    input_ids, _, labels = batch()
+    mask = torch.tril(torch.ones(12, 12, dtype=torch.bool)).expand(3, 1, 12, 12).clone()
+    mask[1, :, :, 8:] = False  # the padded row's last positions, seen by none
+    parts = rdrop_causal_lm_loss(model, input_ids, mask, labels)
+    own = model(input_ids=input_ids, attention_mask=mask, labels=labels).loss
+    torch.testing.assert_close(parts.ce1, own.detach(), rtol=1e-5, atol=1e-6)
+
+
+@no_dropout_on_purpose
+def test_head_check_of_a_model_trained_in_bf16_by_accelerate():
+    # accelerate (what Trainer(bf16=True) uses) runs the forward under autocast and casts its
+    # outputs to fp32: fp32 logits that carry bf16's rounding (2.5e-3 of the largest). A
+    # tolerance of 1e-3 for fp32 logits took them for a head that is not lm_head(hidden)
+    accelerate = pytest.importorskip("accelerate")
+    state = accelerate.state.AcceleratorState  # one per process: the Trainers' tests make theirs
+    state._reset_state(reset_partial_state=True)
+    try:
+        model = accelerate.Accelerator(mixed_precision="bf16", cpu=True).prepare(tiny_llama())
+        input_ids, attention_mask, labels = batch()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", HeadNotFusedWarning)
+            rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+    finally:
+        state._reset_state(reset_partial_state=True)
+    assert _head_fused[model] is True
+
+
+@no_dropout_on_purpose
 def test_trainer_under_data_parallel_without_averaged_tokens(tmp_path, monkeypatch):
     # One process on n_gpu GPUs (DataParallel) without average_tokens_across_devices: the Trainer
     # divides the token count by n_gpu, for each replica's share of the batch. The R-Drop loss
@@ -436,7 +468,10 @@ def test_trainer_refuses_a_loss_function_of_its_own(tmp_path):
     (dict(input_ids=torch.zeros(3, 12)), ValueError, "input_ids must be a .B, T. tensor"),
     (dict(labels=torch.zeros(3, 11, dtype=torch.long)), ValueError,
      r"labels must have input_ids' shape \[3, 12\], got shape \[3, 11\]"),
-    (dict(attention_mask=torch.ones(3, 11)), ValueError, "attention_mask must have input_ids'"),
+    (dict(attention_mask=torch.ones(3, 11)), ValueError,
+     r"attention_mask must be \[B, T\] = \[3, 12\], or \[B, 1, T, T\], got shape \[3, 11\]"),
+    (dict(attention_mask=torch.ones(3, 1, 12, 12), labels=None), ValueError,
+     "labels must be given with a .B, 1, T, T. attention_mask"),
     (dict(shift_labels=torch.zeros(12, dtype=torch.long)), ValueError,
      "shift_labels must have input_ids'"),
     (dict(num_items_in_batch=-1), ValueError, "num_items_in_batch must be >= 0, got -1"),

@@ -104,7 +104,8 @@ def rdrop_causal_lm_loss(
             one; the config's ``final_logit_softcapping`` (Gemma 2; a multimodal model's text
             config's) or ``logits_soft_cap`` (RecurrentGemma) is applied when set.
         input_ids: [B, T] token ids.
-        attention_mask: [B, T] or None (padding-free batches carry ``position_ids`` instead).
+        attention_mask: [B, T] or None (padding-free batches carry ``position_ids`` instead),
+            or a model's own [B, 1, T, T] mask (then with ``labels``).
         labels: [B, T] with ``ignore_index`` where no loss is wanted; None uses ``input_ids``
             (padding, where ``attention_mask`` is 0, ignored). Shifted inside, as for causal LM:
             position t predicts label t + 1. In a packed batch the first label of each sequence
@@ -148,8 +149,8 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     """rdrop_causal_lm_loss without the router loss of a mixture of experts, and that loss
     apart (on the loss's device; None where the model returns none), for the trainers, which
     weight it as their base classes do."""
-    _check_batch(input_ids, attention_mask=attention_mask, labels=labels,
-                 shift_labels=shift_labels, num_items_in_batch=num_items_in_batch)
+    _check_batch(input_ids, attention_mask, num_items_in_batch, labels=labels,
+                 shift_labels=shift_labels)
     base = _unwrap(model)
     head = base.get_output_embeddings()
     softcap = _final_softcap(_text_config(base))
@@ -221,8 +222,9 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     return parts, None if aux_loss is None else aux_loss.to(parts.loss.device)
 
 
-def _check_batch(input_ids: Tensor, num_items_in_batch, **same_shape) -> None:
-    """ValueError or TypeError, naming the argument, for a batch that is not [B, T] tensors."""
+def _check_batch(input_ids: Tensor, attention_mask, num_items_in_batch, **same_shape) -> None:
+    """ValueError or TypeError, naming the argument, for a batch that is not [B, T] tensors (an
+    attention mask may also be a model's own [B, 1, T, T])."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be a [B, T] tensor of token ids, got "
                          f"{_described(input_ids)}")
@@ -230,6 +232,16 @@ def _check_batch(input_ids: Tensor, num_items_in_batch, **same_shape) -> None:
         if value is not None and (not torch.is_tensor(value) or value.shape != input_ids.shape):
             raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, got "
                              f"{_described(value)}")
+    batch, seq_len = input_ids.shape
+    if attention_mask is not None and (
+            not torch.is_tensor(attention_mask) or attention_mask.dim() not in (2, 4)
+            or attention_mask.shape[0] != batch or attention_mask.shape[-1] != seq_len):
+        raise ValueError(f"attention_mask must be [B, T] = {[batch, seq_len]}, or [B, 1, T, T], "
+                         f"got {_described(attention_mask)}")
+    if (attention_mask is not None and attention_mask.dim() == 4
+            and same_shape["labels"] is None and same_shape["shift_labels"] is None):
+        raise ValueError("labels must be given with a [B, 1, T, T] attention_mask: without them "
+                         "the labels are input_ids where a [B, T] mask is 1")
     if num_items_in_batch is not None:
         # a tensor: one count, or under DataParallel the Trainer's [n_gpu, 1] copies of it
         if not (torch.is_tensor(num_items_in_batch) or isinstance(num_items_in_batch, int)
@@ -263,11 +275,12 @@ def _final_softcap(config) -> Optional[float]:
 def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
                     softcap: Optional[float]) -> Optional[bool]:
     """Whether the model's logits [2B, V] at a position are head(hidden [2B, H]) there,
-    softcapped: up to rounding, relative to the largest (1e-3 where the logits were computed in
-    fp32, 1e-2 in 16 bits), where a scale or a transform would be far off. None where this
-    position cannot tell: both all 0 (a head initialised to 0), or logits too small for the
-    softcap to show (a model that does not apply its config's cap would pass too). Reads three
-    numbers back to the host (on a model's first calls)."""
+    softcapped: up to rounding (1e-2 of the largest, which a scale or a transform exceeds by
+    far; 16-bit matmuls round to about 2e-3, and their logits may come out as fp32). With a cap,
+    the capped head must also be clearly closer to them than the uncapped one (at small logits
+    c tanh(z / c) is within 1% of z); where neither is, this position cannot tell: None, as
+    where both are all 0 (a head initialised to 0). Reads three numbers back to the host (on a
+    model's first calls)."""
     if logits.shape[-1] != head.out_features or hidden.dtype != head.weight.dtype:
         return False
     with torch.no_grad():
@@ -277,13 +290,15 @@ def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
         largest = torch.maximum(mine.abs().max(), theirs.abs().max())
         largest, apart, uncapped_apart = torch.stack(
             [largest, (mine - theirs).abs().max(), (plain - theirs).abs().max()]).tolist()
-    in_fp32 = logits.dtype == hidden.dtype == torch.float32 and not torch.is_autocast_enabled(
-        logits.device.type)
-    tolerance = (1e-3 if in_fp32 else 1e-2) * largest
-    if largest == 0 or (softcap is not None and apart <= tolerance
-                        and uncapped_apart <= tolerance):
+    close = apart <= 1e-2 * largest
+    if largest == 0:
         return None
-    return apart <= tolerance
+    if softcap is None or not close:
+        return close
+    if 2 * apart < uncapped_apart:
+        return True
+    # the logits lack the cap (2 * uncapped_apart < apart), or it does not show yet
+    return False if 2 * uncapped_apart < apart else None
 
 
 def _passes(t: Tensor, seq_len: int, model: nn.Module, one_row: bool) -> Tensor:
