@@ -138,8 +138,8 @@ def main():
         head = group[0]
         key = (head.n_tokens, head.vocab_size, head.dtype)
         reason = PROVIDERS[head.provider].unavailable(device)
-        if reason is not None and not first:
-            continue
+        if not first and (reason is not None or any(row_of[c]["status"] != "ok" for c in group)):
+            continue  # skipped, or failed, in the first round
         # The copy of the size's logits, timed before each of its groups: the median of all
         # those samples, so that no one moment of a shared machine sets every row's share
         elem = torch.finfo(getattr(torch, head.dtype)).bits // 8
@@ -162,6 +162,8 @@ def main():
         result["rounds_done"] = (i + 1) // len(groups)
         # after every group: a run cut short (a GPU lease ending) keeps what it measured
         table = _write(out, result)
+    result["rounds_done"] = rounds  # where the last groups were skipped, too
+    table = _write(out, result)
     if not args.no_plots:
         report.plots(result, out)
     print(table)

@@ -173,13 +173,17 @@ def test_the_copy_is_timed_before_every_group_of_its_size(monkeypatch, tmp_path)
 def test_rounds_time_the_cases_in_turn(monkeypatch, tmp_path):
     # each provider timed once, in a block of its own, let one slow moment of a shared machine
     # set a whole row (bf16 stacked at 0.80x of the halves in one sweep, 0.54x in the next run):
-    # in rounds, every case is timed in each, and a row takes the median of all its calls
+    # in rounds, every case is timed in each, and a row takes the median of all its calls. A
+    # case that failed, or was skipped, in the first round is not run again, and a run whose
+    # last provider is skipped is whole (it said "cut short")
     order, slow = [], iter([True, False, False])  # the first round of "eager" is slow
     monkeypatch.setattr(runner, "time_copy", lambda n_bytes, device, repeats: [1.0] * 5)
 
     def measured(cases, device, repeats, warmup, first):
         (case,) = cases
         order.append((case.provider, first))
+        if case.provider == "compile":
+            return [dict(dataclasses.asdict(case), status="wrong result: loss 1, reference 2")]
         ms = 10.0 if case.provider == "eager" and next(slow) else 1.0
         return [dict(dataclasses.asdict(case), status="ok", **measure.timings(case, [ms] * repeats),
                      input_mib=1.0, **({"peak_extra_mib": 0.0} if first else {}))]
@@ -187,14 +191,16 @@ def test_rounds_time_the_cases_in_turn(monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "measure_in_subprocess", measured)
     monkeypatch.setattr("sys.argv", ["benchmarks", "--device", "cpu", "--tokens", "8", "--vocab",
                                      "64", "--dtypes", "float32", "--modes", "fwd+bwd",
-                                     "--providers", "eager", "textbook", "--repeats", "5",
-                                     "--out", str(tmp_path), "--no-plots"])
+                                     "--providers", "eager", "compile", "textbook", "liger",
+                                     "--repeats", "5", "--out", str(tmp_path), "--no-plots"])
     runner.main()
-    assert order == [("eager", True), ("textbook", True)] + [("eager", False),
-                                                             ("textbook", False)] * 2
+    assert order == [("eager", True), ("compile", True), ("textbook", True)] + [
+        ("eager", False), ("textbook", False)] * 2
     result = json.loads((tmp_path / "results.json").read_text())
     assert (result["rounds"], result["rounds_done"], result["repeats"]) == (3, 3, 6)
-    eager, textbook = result["rows"]
+    eager, compiled, textbook, liger = result["rows"]
     assert eager["samples_ms"] == [10.0] * 2 + [1.0] * 4 and eager["median_ms"] == 1.0
     assert len(textbook["samples_ms"]) == 6 and eager["peak_extra_mib"] == 0.0
-    assert "in 3 rounds" in (tmp_path / "results.md").read_text()
+    assert compiled["status"].startswith("wrong result") and liger["status"].startswith("skipped")
+    table = (tmp_path / "results.md").read_text()
+    assert "in 3 rounds" in table and "Cut short" not in table
