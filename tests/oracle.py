@@ -74,10 +74,16 @@ def max_err(x, truth):
     return (x.double() - truth).abs().max().item() if truth.numel() else 0.0
 
 
-def native_floor(z1, z2, alpha, upstream):
+def native_floor(z1, z2, alpha, upstream, reduction, target=None, ignore_index=-100):
     """The floor for the native kernel's results: it folds E_p[D] into one coefficient per row
-    (README, "The math"), so it rounds terms h p D, h = alpha / 2 times the upstream gradient,
-    which cancel where the gradient is 0 (V = 1: 1.4e-6 at |D| = 7.5, h = 1.6)."""
+    (README, "The math"), so it rounds terms h p D, h = alpha / 2 times the upstream gradient
+    and the row's weight, which cancel where the gradient is 0 (V = 1: 1.4e-6 at |D| = 7.5,
+    h = 1.6)."""
+    if reduction == "mean":
+        counted = z1.shape[:-1].numel() if target is None else int((target != ignore_index).sum())
+        upstream /= max(counted, 1)
+    elif reduction == "batchmean" and z1.dim() > 1:
+        upstream /= max(z1.shape[0], 1)
     d = (z1.float() - z2.float()).abs()
     d = d[torch.isfinite(d)]
     largest = d.max().item() if d.numel() else 0.0

@@ -162,7 +162,8 @@ def test_layouts_equal_the_reference_or_raise_a_named_error(backend, case):
     extra = int(keywords["inplace_backward"] and backend != "torch"
                 and case["dtype"] != torch.float16)
     floor = FLOOR if backend != "native" else native_floor(
-        *(before[0].chunk(2) if stacked else before), keywords["alpha"], 1.3)
+        *(before[0].chunk(2) if stacked else before), keywords["alpha"], 1.3,
+        keywords["reduction"], case["target"], keywords.get("ignore_index", -100))
     for what, f, e, t in zip(whats, got, eager, truth, strict=True):
         assert_oracle_rule(f, e, t, case["dtype"], what,
                            extra_roundings=extra if what != "loss" else 0, floor=floor)

@@ -55,6 +55,7 @@ def test_fused_agrees_with_reference(backend, case):
                                              **kwargs), z1, z2, grad_output)
     truth = loss_and_grads(functools.partial(oracle_loss, target=target, **kwargs),
                            z1.double(), z2.double(), grad_output)
-    floor = FLOOR if backend != "native" else native_floor(z1, z2, kwargs["alpha"], 1.5)  # > grad
+    floor = FLOOR if backend != "native" else native_floor(  # grad_output < 1.5
+        z1, z2, kwargs["alpha"], 1.5, kwargs["reduction"], target, kwargs["ignore_index"])
     for what, f, e, t in zip(("loss", "dlogits1", "dlogits2"), fused, eager, truth, strict=True):
         assert_oracle_rule(f, e, t, z1.dtype, what, floor=floor)
