@@ -93,8 +93,8 @@ def rdrop_causal_lm_loss(
     BERT-like decoders, a softcap that the model does not apply), it warns once
     (:class:`HeadNotFusedWarning`), runs the model again, and that model's loss takes its
     logits from then on. Where that position cannot tell (logits all 0, from a head initialised
-    to 0; or too small for the softcap to change them), that call takes the model's logits and
-    the next one checks again. A mixture of experts' router loss
+    to 0; or where the softcap does not show beyond their rounding), that call takes the
+    model's logits and the next one checks again. A mixture of experts' router loss
     (``aux_loss``) is added times the model's ``router_aux_loss_coef``, as the model adds it to
     its own loss.
 
