@@ -55,23 +55,32 @@ def _build_note() -> Optional[str]:
 
 @functools.lru_cache(maxsize=None)
 def _load():
-    """(library, None) or (None, why it is unavailable)."""
-    for path in _candidates():
-        if path.is_file():
-            try:
-                lib = ctypes.CDLL(str(path))
-            except OSError as error:
-                return None, f"{path} could not be loaded: {error}"
-            version = getattr(lib, "fastrdrop_cpu_abi_version", lambda: 1)()
-            if version != ABI_VERSION:
-                return None, (f"{path} is a stale build (ABI {version}, this fastrdrop needs "
-                              f"{ABI_VERSION}): reinstall fastrdrop to rebuild it")
-            for name, argtypes in _SIGNATURES.items():
-                getattr(lib, name).argtypes = argtypes
-                getattr(lib, name).restype = _int
-            lib.fastrdrop_cpu_first_bad_label.argtypes = [_ptr, _i64, _i64, _i64]
-            lib.fastrdrop_cpu_first_bad_label.restype = _i64
-            return lib, None
+    """(library, None) or (None, why it is unavailable). A candidate that cannot be loaded, or a
+    stale build, gives way to the next one: a stale file beside the sources would otherwise hide
+    the build that a reinstall made elsewhere."""
+    refused = []
+    for path in dict.fromkeys(_candidates()):  # in order, each once
+        if not path.is_file():
+            continue
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as error:
+            refused.append(f"{path} could not be loaded: {error}")
+            continue
+        version = getattr(lib, "fastrdrop_cpu_abi_version", lambda: 1)()
+        if version != ABI_VERSION:
+            refused.append(f"{path} is a stale build (ABI {version}, this fastrdrop needs "
+                           f"{ABI_VERSION}): reinstall fastrdrop to rebuild it, and remove it "
+                           "if it is not where the install puts the library")
+            continue
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = _int
+        lib.fastrdrop_cpu_first_bad_label.argtypes = [_ptr, _i64, _i64, _i64]
+        lib.fastrdrop_cpu_first_bad_label.restype = _i64
+        return lib, None
+    if refused:
+        return None, "; ".join(refused)
     note = _build_note()
     return None, f"not built: {note}" if note else f"{LIBRARY} was not found"
 

@@ -130,6 +130,28 @@ def test_inner_loops_are_vectorised():
     assert packed > 200, f"only {packed} packed float instructions"
 
 
+@needs_native
+def test_a_library_that_cannot_load_gives_way_to_the_next(monkeypatch, tmp_path):
+    # a stale or broken file first in the search (beside the sources) hid the good build after
+    # it, and the advice to reinstall could not help: the reinstall never removes that file
+    good = next(p for p in _native._candidates() if p.is_file())
+    broken = tmp_path / _native.LIBRARY
+    broken.write_bytes(b"not a shared library")
+    monkeypatch.setattr(_native, "_candidates", lambda: iter([broken, broken, good]))
+    _native._load.cache_clear()
+    try:
+        lib, reason = _native._load()
+        assert lib is not None and reason is None
+        monkeypatch.setattr(_native, "_candidates", lambda: iter([broken]))
+        _native._load.cache_clear()
+        lib, reason = _native._load()
+        assert lib is None and reason.startswith(f"{broken} could not be loaded")
+    finally:
+        monkeypatch.undo()
+        _native._load.cache_clear()
+    assert _native._load()[0] is not None
+
+
 def test_fallback_when_not_built(monkeypatch):
     # Without the library: auto warns once, naming why, and runs the reference; native refuses.
     reason = "not built: no C++ compiler was found when fastrdrop was installed"
