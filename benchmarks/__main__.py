@@ -172,13 +172,12 @@ def main():
 
 def _merge(rows, row_of, case, row, round_index):
     """A case's row of one round into the run's rows: the first round's as it is, a later
-    round's calls added to its samples (or, where that round failed, its status)."""
+    round's calls added to its samples (or, where that round failed, its status). Later rounds
+    run only the cases whose first round was ok."""
     earlier = row_of.get(case)
     if earlier is None:
         row_of[case] = row
         rows.append(row)
-    elif earlier["status"] != "ok":
-        pass
     elif row["status"] != "ok":
         earlier.update(status=f"{row['status']} (round {round_index + 1})")
     else:

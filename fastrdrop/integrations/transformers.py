@@ -149,8 +149,7 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     """rdrop_causal_lm_loss without the router loss of a mixture of experts, and that loss
     apart (on the loss's device; None where the model returns none), for the trainers, which
     weight it as their base classes do."""
-    _check_batch(input_ids, attention_mask, num_items_in_batch, labels=labels,
-                 shift_labels=shift_labels)
+    _check_batch(input_ids, attention_mask, labels, shift_labels, num_items_in_batch)
     base = _unwrap(model)
     head = base.get_output_embeddings()
     softcap = _final_softcap(_text_config(base))
@@ -222,13 +221,13 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     return parts, None if aux_loss is None else aux_loss.to(parts.loss.device)
 
 
-def _check_batch(input_ids: Tensor, attention_mask, num_items_in_batch, **same_shape) -> None:
+def _check_batch(input_ids, attention_mask, labels, shift_labels, num_items_in_batch) -> None:
     """ValueError or TypeError, naming the argument, for a batch that is not [B, T] tensors (an
     attention mask may also be a model's own [B, 1, T, T])."""
     if not torch.is_tensor(input_ids) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError("input_ids must be a [B, T] tensor of token ids, got "
                          f"{_described(input_ids)}")
-    for name, value in same_shape.items():
+    for name, value in (("labels", labels), ("shift_labels", shift_labels)):
         if value is not None and (not torch.is_tensor(value) or value.shape != input_ids.shape):
             raise ValueError(f"{name} must have input_ids' shape {list(input_ids.shape)}, got "
                              f"{_described(value)}")
@@ -239,7 +238,7 @@ def _check_batch(input_ids: Tensor, attention_mask, num_items_in_batch, **same_s
         raise ValueError(f"attention_mask must be [B, T] = {[batch, seq_len]}, or [B, 1, T, T], "
                          f"got {_described(attention_mask)}")
     if (attention_mask is not None and attention_mask.dim() == 4
-            and same_shape["labels"] is None and same_shape["shift_labels"] is None):
+            and labels is None and shift_labels is None):
         raise ValueError("labels must be given with a [B, 1, T, T] attention_mask: without them "
                          "the labels are input_ids where a [B, T] mask is 1")
     if num_items_in_batch is not None:
@@ -500,20 +499,23 @@ class RDropTrainerMixin:
         if num_items_in_batch is None:
             return 1
         if self.args.average_tokens_across_devices:
-            # the token count is global, over the data-parallel processes, whose gradients are
-            # then averaged: each process's share, times their number
-            tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
-            return self.accelerator.num_processes // tensor_parallel
+            return self._data_parallel_processes()
         # DataParallel (n_gpu > 1): the Trainer gave the count over n_gpu, which each replica's
         # share of the batch would be divided by; this loss is the whole batch's
         return 1 / max(self.args.n_gpu, 1)
+
+    def _data_parallel_processes(self) -> int:
+        """The processes that a token count averaged over them spans (each process's share of
+        the loss is then multiplied by their number, as their gradients are averaged)."""
+        tensor_parallel = self.get_tp_size() if hasattr(self, "get_tp_size") else 1
+        return self.accelerator.num_processes // tensor_parallel
 
     def _weighted_router_loss(self, model, router_loss, num_items_in_batch, accumulation):
         """A mixture of experts' router loss as transformers' Trainer weights it: the model adds
         it to its own loss times its router_aux_loss_coef, and the Trainer multiplies that loss
         by the processes where it averages the token count over them."""
         averaged = num_items_in_batch is not None and self.args.average_tokens_across_devices
-        processes = self._count_factor(num_items_in_batch) if averaged else 1
+        processes = self._data_parallel_processes() if averaged else 1
         return _router_aux_loss_coef(model) * router_loss * processes
 
     def log(self, logs: dict, *args, **kwargs) -> None:
