@@ -15,7 +15,7 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-ABI_VERSION = 6  # fastrdrop_cpu_abi_version() of a library with these signatures
+ABI_VERSION = 7  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
     # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;
@@ -54,6 +54,30 @@ def _build_note() -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=None)
+def _cpu_features() -> Optional[frozenset]:
+    """This CPU's features as Linux names them (the "flags" of /proc/cpuinfo on x86-64,
+    "Features" on AArch64), or None where that file does not tell."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() in ("flags", "Features"):
+                    return frozenset(value.split())
+    except OSError:
+        pass
+    return None
+
+
+def _missing_features(lib) -> list:
+    """The CPU features the library was built for (-march) that this CPU lacks: calling it
+    there would kill the process with an illegal instruction."""
+    have = _cpu_features()
+    lib.fastrdrop_cpu_features.restype = ctypes.c_char_p
+    built_for = lib.fastrdrop_cpu_features().decode().split()
+    return [] if have is None else [name for name in built_for if name not in have]
+
+
+@functools.lru_cache(maxsize=None)
 def _load():
     """(library, None) or (None, why it is unavailable). A candidate that cannot be loaded, or a
     stale build, gives way to the next one: a stale file beside the sources would otherwise hide
@@ -72,6 +96,12 @@ def _load():
             refused.append(f"{path} is a stale build (ABI {version}, this fastrdrop needs "
                            f"{ABI_VERSION}): reinstall fastrdrop to rebuild it, and remove it "
                            "if it is not where the install puts the library")
+            continue
+        missing = _missing_features(lib)
+        if missing:
+            refused.append(f"{path} was built for CPU features that this CPU lacks "
+                           f"({' '.join(missing)}): reinstall fastrdrop on this machine, or "
+                           "with -C cmake.define.FASTRDROP_NATIVE_ARCH=OFF for a portable build")
             continue
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes

@@ -1,6 +1,7 @@
 """The native CPU kernel: determinism across thread counts, vectorised code, and what happens
 where it was not built. (Its correctness runs in the shared matrix of test_fused.py.)"""
 
+import ctypes
 import platform
 import shutil
 import subprocess
@@ -146,6 +147,39 @@ def test_a_library_that_cannot_load_gives_way_to_the_next(monkeypatch, tmp_path)
         _native._load.cache_clear()
         lib, reason = _native._load()
         assert lib is None and reason.startswith(f"{broken} could not be loaded")
+    finally:
+        monkeypatch.undo()
+        _native._load.cache_clear()
+    assert _native._load()[0] is not None
+
+
+def test_a_built_kernel_loads():
+    # Where the install built the library, it loads: else every native test would skip, and a
+    # run without the kernel would pass. (On Linux the loader also reads the CPU's features.)
+    notes = [path.with_name("_native_build.txt") for path in _native._candidates()]
+    if not any(note.is_file() and note.read_text().strip() == "built" for note in notes):
+        pytest.skip("the install did not build the native kernel")
+    assert _native.unavailable_reason() is None
+    if platform.system() == "Linux":
+        assert _native._cpu_features()
+
+
+@needs_native
+def test_a_build_for_features_this_cpu_lacks_is_refused(monkeypatch):
+    # A library built with -march=native for another CPU would die there of an illegal
+    # instruction; the loader refuses it, naming what is missing and how to build one that runs
+    lib = _native._load()[0]
+    lib.fastrdrop_cpu_features.restype = ctypes.c_char_p
+    built_for = lib.fastrdrop_cpu_features().decode().split()
+    if not built_for:
+        pytest.skip("a portable build needs nothing beyond the architecture's baseline")
+    monkeypatch.setattr(_native, "_cpu_features", lambda: frozenset(built_for[1:]))
+    _native._load.cache_clear()
+    try:
+        lib, reason = _native._load()
+        assert lib is None
+        assert f"built for CPU features that this CPU lacks ({built_for[0]})" in reason
+        assert "FASTRDROP_NATIVE_ARCH=OFF" in reason
     finally:
         monkeypatch.undo()
         _native._load.cache_clear()

@@ -1280,6 +1280,84 @@ int dispatch(int dtype, bool softcap, F&& f) {
   }
 }
 
+// ---- the instruction sets the build may use ------------------------------------------------
+
+// Whether macro m is defined (as a number): its expansion, as a string, no longer starts with "_"
+#define FASTRDROP_STRING(m) #m
+#define FASTRDROP_DEFINED(m) (FASTRDROP_STRING(m)[0] != '_')
+
+struct Feature {
+  bool built_for;    // the compiler was allowed to use it (-march)
+  const char* name;  // as Linux names it in /proc/cpuinfo
+};
+
+// The extensions a compiler may emit in code like this without intrinsics, and those the
+// intrinsics above use. A library built with -march=native on one CPU dies of an illegal
+// instruction on a CPU that lacks one of them; the loader compares this list with the CPU's.
+constexpr Feature kFeatures[] = {
+    // x86-64
+    {FASTRDROP_DEFINED(__SSE3__), "pni"},
+    {FASTRDROP_DEFINED(__SSSE3__), "ssse3"},
+    {FASTRDROP_DEFINED(__SSE4_1__), "sse4_1"},
+    {FASTRDROP_DEFINED(__SSE4_2__), "sse4_2"},
+    {FASTRDROP_DEFINED(__SSE4A__), "sse4a"},
+    {FASTRDROP_DEFINED(__POPCNT__), "popcnt"},
+    {FASTRDROP_DEFINED(__AVX__), "avx"},
+    {FASTRDROP_DEFINED(__AVX2__), "avx2"},
+    {FASTRDROP_DEFINED(__FMA__), "fma"},
+    {FASTRDROP_DEFINED(__F16C__), "f16c"},
+    {FASTRDROP_DEFINED(__BMI__), "bmi1"},
+    {FASTRDROP_DEFINED(__BMI2__), "bmi2"},
+    {FASTRDROP_DEFINED(__LZCNT__), "abm"},
+    {FASTRDROP_DEFINED(__MOVBE__), "movbe"},
+    {FASTRDROP_DEFINED(__AVX512F__), "avx512f"},
+    {FASTRDROP_DEFINED(__AVX512DQ__), "avx512dq"},
+    {FASTRDROP_DEFINED(__AVX512CD__), "avx512cd"},
+    {FASTRDROP_DEFINED(__AVX512BW__), "avx512bw"},
+    {FASTRDROP_DEFINED(__AVX512VL__), "avx512vl"},
+    {FASTRDROP_DEFINED(__AVX512IFMA__), "avx512ifma"},
+    {FASTRDROP_DEFINED(__AVX512VBMI__), "avx512vbmi"},
+    {FASTRDROP_DEFINED(__AVX512VBMI2__), "avx512_vbmi2"},
+    {FASTRDROP_DEFINED(__AVX512VNNI__), "avx512_vnni"},
+    {FASTRDROP_DEFINED(__AVX512BITALG__), "avx512_bitalg"},
+    {FASTRDROP_DEFINED(__AVX512VPOPCNTDQ__), "avx512_vpopcntdq"},
+    {FASTRDROP_DEFINED(__AVX512BF16__), "avx512_bf16"},
+    {FASTRDROP_DEFINED(__AVX512FP16__), "avx512_fp16"},
+    {FASTRDROP_DEFINED(__AVX512VP2INTERSECT__), "avx512_vp2intersect"},
+    {FASTRDROP_DEFINED(__AVXVNNI__), "avx_vnni"},
+    {FASTRDROP_DEFINED(__GFNI__), "gfni"},
+    {FASTRDROP_DEFINED(__VAES__), "vaes"},
+    {FASTRDROP_DEFINED(__VPCLMULQDQ__), "vpclmulqdq"},
+    // AArch64
+    {FASTRDROP_DEFINED(__ARM_FEATURE_ATOMICS), "atomics"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_QRDMX), "asimdrdm"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_FP16_VECTOR_ARITHMETIC), "asimdhp"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_DOTPROD), "asimddp"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC), "bf16"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_MATMUL_INT8), "i8mm"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_SVE), "sve"},
+    {FASTRDROP_DEFINED(__ARM_FEATURE_SVE2), "sve2"},
+};
+
+// The names of the features built for, each followed by a space: constant data, made by the
+// compiler, so that the function that returns it runs no instruction the CPU may lack.
+struct FeatureNames {
+  char text[512] = {};
+};
+
+constexpr FeatureNames feature_names() {
+  FeatureNames out;
+  int at = 0;
+  for (const Feature& f : kFeatures) {
+    if (!f.built_for) continue;
+    for (const char* c = f.name; *c; ++c) out.text[at++] = *c;
+    out.text[at++] = ' ';
+  }
+  return out;
+}
+
+constexpr FeatureNames kFeatureNames = feature_names();
+
 }  // namespace
 
 // ---- C API: returns 0, or 1 for an unknown dtype -------------------------------------------
@@ -1289,7 +1367,11 @@ int dispatch(int dtype, bool softcap, F&& f) {
 extern "C" {
 
 // Bumped whenever a signature below changes: the loader refuses a stale build.
-FASTRDROP_API int fastrdrop_cpu_abi_version() { return 6; }
+FASTRDROP_API int fastrdrop_cpu_abi_version() { return 7; }
+
+// The CPU features this build may use, as /proc/cpuinfo names them, separated by spaces ("" for
+// a build for the architecture's baseline).
+FASTRDROP_API const char* fastrdrop_cpu_features() { return kFeatureNames.text; }
 
 // The index of the first of the n labels that lies outside [0, vocab) and is not ignore_index,
 // or -1 where there is none: the argument check of the CPU backends, one pass over the labels
