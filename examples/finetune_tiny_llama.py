@@ -2,9 +2,11 @@
 examples/data, once with the plain cross entropy and once with R-Drop through
 fastrdrop.integrations.transformers, and plot the training and validation losses.
 
-    python examples/finetune_tiny_llama.py [--steps 300] [--out examples/finetune_tiny_llama.png]
+    python examples/finetune_tiny_llama.py [--steps 300] [--out finetune_tiny_llama.png]
 
 Byte-level tokens (V=256); the validation loss is the ordinary cross entropy with dropout off.
+The plot needs matplotlib (``pip install matplotlib``); the README's figure is this run's, with
+``--out examples/finetune_tiny_llama.png``.
 """
 
 import argparse
@@ -61,7 +63,7 @@ def train(data, valid, steps, rdrop_alpha):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        if step % 25 == 0 or step == 1:
+        if step % 25 == 0 or step in (1, steps):
             history.append((step, train_ce, validation_loss(model, valid)))
     return history
 
@@ -71,9 +73,16 @@ def main():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--alpha", type=float, default=1.0, help="R-Drop's KL weight")
-    parser.add_argument("--out", type=Path,
-                        default=Path(__file__).with_name("finetune_tiny_llama.png"))
+    parser.add_argument("--out", type=Path, default=Path("finetune_tiny_llama.png"))
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if not args.alpha >= 0:
+        parser.error(f"--alpha must be >= 0, got {args.alpha}")
+    try:
+        import matplotlib  # noqa: F401  (before the training runs, not after)
+    except ImportError:
+        parser.error("the plot needs matplotlib: pip install matplotlib")
 
     data = torch.tensor(list(CORPUS.read_bytes()), dtype=torch.long)
     split = int(0.9 * len(data))

@@ -14,12 +14,16 @@ import dataclasses
 import os
 
 import torch
-from datasets import Dataset
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, TrainingArguments
-from trl import SFTConfig
 
-from fastrdrop.integrations.trl import RDropSFTTrainer
+try:
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from fastrdrop.integrations.trl import RDropSFTTrainer
+except ImportError as error:
+    raise SystemExit(f"{error}: this example needs TRL, pip install 'fastrdrop[trl]'") from error
 
 
 def word_tokenizer(words):
@@ -40,7 +44,8 @@ def arithmetic_data(n=512, seed=0):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--output-dir", default="/tmp/sft_rdrop_trl")
     args = parser.parse_args()
