@@ -2,6 +2,8 @@
 
 import math
 import os
+import sys
+import warnings
 from typing import NamedTuple, Optional
 
 import torch
@@ -21,6 +23,19 @@ class RDropParts(NamedTuple):
     ce1: Tensor
     ce2: Tensor
     kl: Tensor
+
+
+# the folders of the frames a warning skips: fastrdrop's, and torch's (nn.Module's call of a
+# loss module's forward, a compiled function's frames)
+_LIBRARY_FOLDERS = (os.path.dirname(__file__) + os.sep, os.path.dirname(torch.__file__) + os.sep)
+
+
+def warn(message: str, category: type[Warning]) -> None:
+    """warnings.warn, shown at the user's line: the first caller outside fastrdrop and torch."""
+    frame, stacklevel = sys._getframe(1), 2
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARY_FOLDERS):
+        frame, stacklevel = frame.f_back, stacklevel + 1
+    warnings.warn(message, category, stacklevel=stacklevel)
 
 
 def _shape(t: Tensor) -> list[int]:

@@ -2,7 +2,6 @@
 backend."""
 
 import functools
-import warnings
 from typing import Optional, Union
 
 import torch
@@ -21,6 +20,7 @@ from ._common import (
     row_weights,
     stacked_batch_shape,
     token_loss,
+    warn,
 )
 
 
@@ -284,20 +284,25 @@ class StackedRDropLoss(_Keywords):
 def default_backend(device: torch.device) -> str:
     """The backend that ``backend="auto"`` runs for fp32, bf16 and fp16 logits on ``device``."""
     if device.type == "cpu":
-        reason = _native.unavailable_reason()
-        if reason is None:
-            return "native"
-        _warn_once(f"fastrdrop: the native CPU kernel is unavailable ({reason}); "
-                   "backend='auto' runs the PyTorch reference on CPU tensors")
-        return "torch"
+        return _cpu_backend()
     if ops.triton_unavailable_reason(device) is None:
         return "triton"
     return "torch"
 
 
+@torch.compiler.assume_constant_result  # run as it is when traced: a compiled graph warns too
+def _cpu_backend() -> str:
+    reason = _native.unavailable_reason()
+    if reason is None:
+        return "native"
+    _warn_once(f"fastrdrop: the native CPU kernel is unavailable ({reason}); "
+               "backend='auto' runs the PyTorch reference on CPU tensors")
+    return "torch"
+
+
 @functools.lru_cache(maxsize=None)
 def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=5)  # the caller of rdrop_loss
+    warn(message, RuntimeWarning)
 
 
 def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:

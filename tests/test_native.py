@@ -193,8 +193,9 @@ def test_fallback_when_not_built(monkeypatch):
     fastrdrop.loss._warn_once.cache_clear()
     z1, z2 = logits_pair((3, 40), torch.float32)
     target = labels((3,), 40)
-    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
         loss = fastrdrop.rdrop_loss(z1, z2, target)
+    assert record[0].filename == __file__  # shown at the caller's line
     torch.testing.assert_close(loss, fastrdrop.reference.rdrop_loss(z1, z2, target))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -202,3 +203,12 @@ def test_fallback_when_not_built(monkeypatch):
     with pytest.raises(ValueError, match="backend='native' cannot run here.*no C\\+\\+ compiler"):
         fastrdrop.rdrop_loss(z1, z2, target, backend="native")
     fastrdrop.loss._warn_once.cache_clear()
+    compiled = torch.compile(fastrdrop.stacked_rdrop_loss, fullgraph=True)
+    try:
+        for loss_fn in (fastrdrop.StackedRDropLoss(), compiled):
+            with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler") as record:
+                loss_fn(torch.cat([z1, z2]), target)  # through nn.Module's call, and compiled
+            assert record[0].filename == __file__
+            fastrdrop.loss._warn_once.cache_clear()
+    finally:
+        torch._dynamo.reset()  # the graph holds the backend as a constant: no later test's

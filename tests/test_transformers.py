@@ -202,7 +202,8 @@ def test_logits_that_are_not_the_head_of_the_hidden_states(make):
             torch.manual_seed(1)
             calls.append(rdrop_causal_lm_loss(model, input_ids, attention_mask, labels,
                                               alpha=0.7))
-    assert sum(w.category is HeadNotFusedWarning for w in caught) == 1
+    ours = [w for w in caught if w.category is HeadNotFusedWarning]
+    assert len(ours) == 1 and ours[0].filename == __file__  # shown at the caller's line
 
     torch.manual_seed(1)
     with torch.no_grad():  # the first call's forward that found it, whose dropout masks it drew
@@ -345,6 +346,34 @@ def test_warns_once_when_no_dropout_is_active(attention_dropout, lora_dropout, t
     if warns:
         message = str(ours[0].message)
         assert "attention_dropout" in message and "lora_dropout" in message
+        assert ours[0].filename == __file__  # shown at the caller's line
+
+
+@pytest.mark.parametrize("keywords, error", [
+    (dict(label_smothing=0.1), "label_smothing=, .*did you mean label_smoothing="),
+    (dict(alpah=2.0), "did you mean alpha="),
+    (dict(reduction="sum"), "takes no reduction .*num_items_in_batch"),
+    (dict(softcap=30.0), "takes no softcap .*final_logit_softcapping"),
+    (dict(backend="torch"), "takes no backend"),
+])
+def test_a_loss_keyword_that_would_go_to_the_model_is_refused(keywords, error):
+    # every keyword that is not the loss's goes to the model's forward, which takes what it does
+    # not know without a word: a misspelt label_smoothing trained without smoothing
+    model = tiny_llama(dropout=0.1).train()
+    input_ids, attention_mask, labels = batch()
+    with pytest.raises(TypeError, match=error):
+        rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, **keywords)
+
+
+@pytest.mark.parametrize("rdrop_kwargs, error", [
+    (dict(label_smothing=0.3), TypeError),
+    (dict(reduction="sum"), TypeError),
+    (dict(alpha=2.0), ValueError),
+])
+def test_trainer_refuses_rdrop_kwargs_it_would_not_use(tmp_path, rdrop_kwargs, error):
+    with pytest.raises(error, match="rdrop_kwargs"):
+        RDropTrainer(model=tiny_llama(dropout=0.1), args=trainer_args(tmp_path),
+                     rdrop_kwargs=rdrop_kwargs)
 
 
 def test_trainer_gradient_accumulation(tmp_path):

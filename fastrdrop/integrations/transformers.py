@@ -8,7 +8,8 @@ RDropTrainerMixin, shared with fastrdrop.integrations.trl.
 Importing this module needs ``transformers``; ``fastrdrop`` itself does not.
 """
 
-import warnings
+import difflib
+import inspect
 import weakref
 from typing import Optional
 
@@ -17,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Trainer
 
-from .._common import RDropParts
+from .._common import RDropParts, warn
 from ..distributed import is_dtensor
 from ..linear import linear_rdrop_loss
 from ..loss import stacked_rdrop_loss
@@ -125,6 +126,10 @@ def rdrop_causal_lm_loss(
             dim 1 for a padding-free batch of one row under flash attention, see the README):
             ``position_ids`` of padding-free batches, and ``cu_seq_lens_q``/``cu_seq_lens_k``
             (flash attention's cumulative sequence lengths), which then cover both copies.
+            A keyword of fastrdrop's losses that this function does not take (``reduction``,
+            ``softcap``, ...), or a near miss of one of its own that the model's forward does
+            not name (``label_smothing``), raises ``TypeError``: the model would take it
+            without a word.
 
     Warns (:class:`NoDropoutWarning`, once per model) when no dropout is active, as then both
     passes are the same and R-Drop only doubles the cost.
@@ -151,12 +156,13 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     weight it as their base classes do."""
     _check_batch(input_ids, attention_mask, labels, shift_labels, num_items_in_batch)
     base = _unwrap(model)
+    _check_model_kwargs(base, model_kwargs)
     head = base.get_output_embeddings()
     softcap = _final_softcap(_text_config(base))
     if not torch.compiler.is_compiling():
         if model not in _warned and not _dropout_active(model):
             _warned.add(model)  # once per model
-            warnings.warn(NO_DROPOUT, NoDropoutWarning, stacklevel=2)
+            warn(NO_DROPOUT, NoDropoutWarning)
         _install_output_capture(base)
     if shift_labels is None:
         if labels is None:
@@ -190,7 +196,7 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
             if verdict is not None:  # else the model's logits, and the check again next call
                 _head_fused[base] = verdict
             if verdict is False:
-                warnings.warn(HEAD_NOT_FUSED, HeadNotFusedWarning, stacklevel=2)
+                warn(HEAD_NOT_FUSED, HeadNotFusedWarning)
             fused = bool(verdict)
             if not fused:
                 del out, hidden  # this forward's graph: the logits' forward follows
@@ -249,6 +255,36 @@ def _check_batch(input_ids, attention_mask, labels, shift_labels, num_items_in_b
                             f"{num_items_in_batch!r}")
         if isinstance(num_items_in_batch, int) and num_items_in_batch < 0:
             raise ValueError(f"num_items_in_batch must be >= 0, got {num_items_in_batch}")
+
+
+# rdrop_causal_lm_loss's own keywords, and those of fastrdrop's losses that it does not take
+# (with what stands for each): any other keyword goes to the model's forward, which takes
+# what it does not know without a word
+LOSS_KEYWORDS = ("alpha", "ignore_index", "label_smoothing", "num_items_in_batch", "chunk_size",
+                 "shift_labels")
+NOT_TAKEN = {
+    "reduction": "the loss is the mean over label tokens, or with num_items_in_batch their sum "
+                 "divided by it",
+    "softcap": "the softcap is the model config's final_logit_softcapping or logits_soft_cap",
+    "backend": "the backend is the default one for the model's device",
+    "inplace_backward": "the fused linear loss makes no logits, and the model's own are kept",
+    "return_parts": "the parts are always returned",
+    "vocab_parallel_group": "a vocabulary-parallel head's logits are DTensors, found as such",
+}
+
+
+def _check_model_kwargs(model: nn.Module, model_kwargs: dict) -> None:
+    """TypeError for a keyword meant for the loss that would go to the model: one of
+    fastrdrop's losses' that this function does not take, or a near miss of one of its own
+    that the model's forward does not name."""
+    for name in model_kwargs:
+        if name in NOT_TAKEN:
+            raise TypeError(f"rdrop_causal_lm_loss takes no {name} (it would go to the model's "
+                            f"forward): {NOT_TAKEN[name]}")
+        meant = difflib.get_close_matches(name, LOSS_KEYWORDS, n=1, cutoff=0.8)
+        if meant and name not in inspect.signature(model.forward).parameters:
+            raise TypeError(f"rdrop_causal_lm_loss got {name}=, which is none of its keywords "
+                            f"and would go to the model's forward: did you mean {meant[0]}=?")
 
 
 def _described(value) -> str:
@@ -430,6 +466,11 @@ def _install_output_capture(model: nn.Module) -> None:
     maybe_install_capturing_hooks(model)
 
 
+# the keywords of rdrop_causal_lm_loss that the trainers take in rdrop_kwargs (alpha is
+# rdrop_alpha; the batch gives the rest)
+TRAINER_LOSS_KEYWORDS = ("ignore_index", "label_smoothing", "chunk_size")
+
+
 class RDropTrainerMixin:
     """The R-Drop training step of :class:`RDropTrainer` and of
     :class:`fastrdrop.integrations.trl.RDropSFTTrainer`, which differ only in their base class
@@ -443,7 +484,8 @@ class RDropTrainerMixin:
 
     Args:
         rdrop_alpha: the weight of the symmetric KL term.
-        rdrop_kwargs: more keywords for :func:`rdrop_causal_lm_loss` (chunk_size, ...).
+        rdrop_kwargs: ``ignore_index``, ``label_smoothing`` or ``chunk_size`` for
+            :func:`rdrop_causal_lm_loss` (any other name raises when the trainer is built).
             ``label_smoothing`` is ``TrainingArguments.label_smoothing_factor`` unless given
             here.
         All other arguments are the base class's.
@@ -456,7 +498,13 @@ class RDropTrainerMixin:
             raise ValueError("compute_loss_func must be None: the R-Drop trainers' training loss "
                              "is rdrop_causal_lm_loss, which would silently take its place")
         self.rdrop_alpha = rdrop_alpha
-        self.rdrop_kwargs = rdrop_kwargs or {}
+        self.rdrop_kwargs = dict(rdrop_kwargs or {})
+        if "alpha" in self.rdrop_kwargs:
+            raise ValueError("rdrop_kwargs must not hold alpha: the KL weight is rdrop_alpha=")
+        unknown = sorted(set(self.rdrop_kwargs) - set(TRAINER_LOSS_KEYWORDS))
+        if unknown:
+            raise TypeError(f"rdrop_kwargs takes {', '.join(TRAINER_LOSS_KEYWORDS)}, got "
+                            f"{', '.join(unknown)}")
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch
         self._rdrop_sums = {"ce": 0.0, "kl": 0.0}
         self._rdrop_logged_step = None  # the step of the last log, or where training started
