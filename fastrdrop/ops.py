@@ -590,6 +590,8 @@ class RDropLossFunction(torch.autograd.Function):
             # Detached aliases, not saved tensors: the logits now hold the gradients, and
             # unpacking a saved view whose storage changed would fail for views made by chunk.
             ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
+            if not torch.compiler.is_compiling():  # the aliases share the logits' counter
+                ctx.versions = _versions(ctx.grads)
         else:
             ctx.grads = (_empty_like_rows(logits1),
                          None if logits2 is None else _empty_like_rows(logits2))
@@ -610,6 +612,8 @@ class RDropLossFunction(torch.autograd.Function):
         if hasattr(ctx, "recompute") and (ctx.grads is None or torch.compiler.is_compiling()):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
+        if hasattr(ctx, "versions") and not torch.compiler.is_compiling():
+            _check_unchanged(grads, ctx.versions)
         if ctx.pending is not None:  # fp16 in place: written now, for this upstream gradient
             labels, stats, row_weight = ctx.saved_tensors
             write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *ctx.pending)
@@ -649,6 +653,22 @@ def _mark_written(*logits: Optional[Tensor]) -> None:
     for t in logits:
         if t is not None:
             torch.autograd.graph.increment_version(t)
+
+
+def _versions(tensors) -> list[int]:
+    return [t._version for t in tensors if t is not None]
+
+
+def _check_unchanged(logits, versions) -> None:
+    """The in-place mode's gradients are the logits' contents (fp16's: written from them in
+    the backward pass): a write into the logits between the forward and the backward pass
+    would change them without a word."""
+    if _versions(logits) != versions:
+        raise RuntimeError(
+            "fastrdrop: the logits were modified after the loss wrote their gradients into them "
+            "(inplace_backward=True): by another in-place loss on the same logits, or by an "
+            "in-place op. Their gradients are lost; use inplace_backward=False, or one in-place "
+            "loss per logits tensor")
 
 
 def _is_one_on_cpu(upstream: Tensor) -> bool:

@@ -326,6 +326,26 @@ def test_inplace_without_grad_writes_nothing_and_refuses_nothing(backend):
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("write", ["another in-place loss", "an in-place op"])
+def test_a_write_into_the_logits_before_the_backward_pass_is_refused(backend, dtype, write):
+    # The logits hold this loss's gradients (fp16's: the values they are written from): a write
+    # in between changed the gradient without a word
+    h = torch.randn(6, 50, device=DEVICE, dtype=dtype, requires_grad=True)
+    logits = h * 1
+    target = labels((3,), 50)
+    loss = fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, inplace_backward=True)
+    if write == "an in-place op":
+        with torch.no_grad():
+            logits.clamp_(-1.0, 1.0)
+    else:
+        loss = loss + fastrdrop.stacked_rdrop_loss(logits, target.flip(0), backend=backend,
+                                                   inplace_backward=True)
+    with pytest.raises(RuntimeError, match="logits were modified after the loss wrote"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_second_backward_is_refused(backend):
     # The gradients were made in the forward pass and are scaled in place: they serve once.
     z1, z2 = (z.requires_grad_() for z in logits_pair((3, 200), torch.float32))
