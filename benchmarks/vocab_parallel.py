@@ -24,6 +24,11 @@ import fastrdrop
 from benchmarks.measure import _current_rss, _peak_rss, _release_freed_memory
 
 
+def _slice_sizes(vocab, world):
+    """The ranks' slices of the vocabulary: as even as it divides, the first ranks one more."""
+    return [vocab // world + (rank < vocab % world) for rank in range(world)]
+
+
 def _rank(rank, world, port, n, vocab, repeats, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -32,7 +37,7 @@ def _rank(rank, world, port, n, vocab, repeats, out):
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     try:
-        width = vocab // world
+        width = _slice_sizes(vocab, world)[rank]
         gen = torch.Generator().manual_seed(rank)
         z1 = 3 * torch.randn(n, width, generator=gen)
         z2 = z1 + 0.5 * torch.randn(n, width, generator=gen)
@@ -115,7 +120,12 @@ def markdown(result):
     for r in result["rows"]:
         lines.append(
             f"| {r['world']} | {r['n_tokens']} | {r['vocab_size']} | "
-            f"{r['vocab_size'] // r['world']} | {r['threads']} | {r['median_ms']:.1f} | "
+            f"{_per_rank(r['vocab_size'], r['world'])} | {r['threads']} | {r['median_ms']:.1f} | "
             f"{', '.join(f'{m:.0f}' for m in r['peak_extra_mib'])} | {r['all_reduces']} | "
             f"{r['bytes_all_reduced']} |")
     return "\n".join(lines) + "\n"
+
+
+def _per_rank(vocab, world):
+    sizes = sorted(set(_slice_sizes(vocab, world)), reverse=True)
+    return "-".join(map(str, sizes))

@@ -355,10 +355,12 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
 
 
 def _flattens_to_rows(t: Tensor) -> bool:
-    """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim."""
-    if t.numel() == 0:
+    """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim. From
+    the strides alone, whatever V: the ranks of a vocabulary split across them, whose slices may
+    be 0 or 1 wide, decide alike (where one raises, the others would wait in a collective)."""
+    if t.shape[:-1].numel() == 0:
         return True  # no rows: any strides will do
-    if t.shape[-1] > 1 and t.stride(-1) != 1:
+    if t.stride(-1) != 1:
         return False
     outer_stride = None  # the stride the next dimension out must have to merge with this one
     for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1], strict=True))):

@@ -242,7 +242,7 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
     for name, rows in each.items():
         if _rows_overlap(rows, rows):
             raise ValueError(
-                f"{name}'s rows overlap in memory (row stride {rows.stride(0)} < V="
+                f"{name}'s rows overlap in memory (row stride {rows.stride(0)}, V="
                 f"{rows.shape[1]}), so inplace_backward=True cannot write each row's gradient "
                 "into them")
     if logits2 is not None and _rows_overlap(logits1, logits2):
@@ -253,13 +253,15 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
 def _rows_overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two rows of a [n, V] and b [m, V] (contiguous last dims, on one device) share
     memory; two rows of a itself when b is a. Exact for rows of one stride, by their span
-    otherwise. By address, not storage: two storages may hold one memory (numpy, dlpack)."""
-    if a.numel() == 0 or b.numel() == 0:
-        return False
+    otherwise. By address, not storage: two storages may hold one memory (numpy, dlpack).
+    Expanded rows (row stride 0) overlap whatever V, as they do on the ranks of a vocabulary
+    split across them whose slices are not empty."""
     elem, (n, m) = a.element_size(), (a.shape[0], b.shape[0])
     row_bytes = a.shape[1] * elem
     if a is b:
-        return n > 1 and a.stride(0) * elem < row_bytes
+        return n > 1 and (a.stride(0) == 0 or a.stride(0) * elem < row_bytes)
+    if a.numel() == 0 or b.numel() == 0:
+        return False
     stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
     d = b.data_ptr() - a.data_ptr()
     if stride_a == stride_b and stride_a >= row_bytes:

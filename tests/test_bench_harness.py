@@ -12,7 +12,7 @@ import torch
 from fastrdrop import _native
 
 from benchmarks import __main__ as runner
-from benchmarks import measure
+from benchmarks import measure, vocab_parallel
 from benchmarks.measure import Case
 
 
@@ -204,3 +204,13 @@ def test_rounds_time_the_cases_in_turn(monkeypatch, tmp_path):
     assert compiled["status"].startswith("wrong result") and liger["status"].startswith("skipped")
     table = (tmp_path / "results.md").read_text()
     assert "in 3 rounds" in table and "Cut short" not in table
+
+
+def test_vocab_parallel_rows_cover_a_vocabulary_the_ranks_do_not_divide(tmp_path):
+    # 1000 over 3 ranks: the slices are 334, 333 and 333, and every label in [0, 1000) is one
+    # of theirs (with 1000 // 3 each, a label past 999 raised on every rank)
+    (row,) = vocab_parallel.run(8, 1000, [3], 1, str(tmp_path))
+    assert row["world"] == 3 and row["vocab_size"] == 1000
+    assert "| 3 | 8 | 1000 | 334-333 |" in vocab_parallel.markdown(
+        dict(environment=dict(device="cpu", torch="", fastrdrop="", backend="", commit="",
+                              date=""), repeats=1, rows=[row]))

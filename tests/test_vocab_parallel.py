@@ -272,6 +272,33 @@ def test_dtensor_vocabulary_narrower_than_the_mesh():
     run_ranks(_empty_shard_body, 4)
 
 
+def _inplace_layout_body(rank, world, splits):
+    # logits that cannot take their gradients in place, on every rank: each must raise before
+    # the first collective, a rank whose slice is 0 or 1 wide too (it once went on, and waited
+    # in the all-reduce while the others had raised)
+    v = splits[rank]
+    h = torch.randn(2 * N, H, requires_grad=True)
+    weight = torch.randn(v, H)
+    target = torch.randint(0, sum(splits), (N,))
+    layouts = {
+        "rows of a sliced sequence": ((h @ weight.t()).view(2, N, v)[:, :-1], target[None, :-1]),
+        "transposed": ((weight @ h.t()).t(), target),  # [2N, V_r] with strides (1, 2N)
+        "expanded": ((h[:1] @ weight.t()).expand(2 * N, v), target),
+    }
+    for name, (logits, labels) in layouts.items():
+        with pytest.raises(ValueError, match="inplace_backward=True"):
+            fastrdrop.stacked_rdrop_loss(logits, labels, inplace_backward=True, backend="native",
+                                         vocab_parallel_group=dist.group.WORLD)
+            pytest.fail(f"{name} logits were taken")
+    dist.barrier()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the native backend on CPU tensors")
+@pytest.mark.parametrize("splits", [[3, 0], [3, 1]], ids=str)
+def test_logits_that_cannot_be_written_in_place_raise_on_every_rank(splits):
+    run_ranks(_inplace_layout_body, len(splits), splits)
+
+
 def _agreed_chunk_body(rank, world):
     # The default chunk size is the smallest over the ranks, agreed once per head: a rank's
     # default depends on its own slice (made to differ here), whose size may change on one rank
