@@ -156,8 +156,9 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     wants_grad = (torch.is_grad_enabled() and logits1.requires_grad
                   and (logits2 is None or logits2.requires_grad))
     inplace_backward = inplace_backward and wants_grad
-    z1 = _rows(logits1, name1, inplace_backward)
-    z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward)
+    split = group is not None
+    z1 = _rows(logits1, name1, inplace_backward, split)
+    z2 = None if logits2 is None else _rows(logits2, "logits2", inplace_backward, split)
     if inplace_backward and logits1 is logits2:
         raise ValueError("logits2 must not be the same tensor as logits1 when "
                          "inplace_backward=True: each gets its own gradient")
@@ -330,8 +331,9 @@ def resolve_backend(backend: str, logits: Tensor, name: str = "logits1") -> str:
     return backend
 
 
-def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
-    """[..., V] -> [N, V] with a contiguous last dim: a view whenever the strides allow one."""
+def _rows(logits: Tensor, name: str, inplace: bool, split: bool = False) -> Tensor:
+    """[..., V] -> [N, V] with a contiguous last dim: a view whenever the strides allow one (see
+    _flattens_to_rows for split)."""
     # The kernels read the storage, not the negated values of such a view. Dynamo cannot trace
     # the test; compiled graphs read such an input's storage whatever op takes it (a torch
     # limitation: torch.compile(lambda a: a.sum()) does too).
@@ -343,7 +345,7 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
     if logits.dim() == 2 and logits.stride(1) == 1:
         return logits  # rows already: no view, and no node of one in the backward pass
     vocab_size = logits.shape[-1]
-    viewable = _flattens_to_rows(logits)
+    viewable = _flattens_to_rows(logits, split)
     if inplace and not viewable:
         raise ValueError(
             f"{name} must be viewable as [N, V] rows with a contiguous last dimension when "
@@ -354,13 +356,14 @@ def _rows(logits: Tensor, name: str, inplace: bool) -> Tensor:
         logits.reshape(rows, vocab_size).contiguous()
 
 
-def _flattens_to_rows(t: Tensor) -> bool:
-    """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim. From
-    the strides alone, whatever V: the ranks of a vocabulary split across them, whose slices may
-    be 0 or 1 wide, decide alike (where one raises, the others would wait in a collective)."""
-    if t.shape[:-1].numel() == 0:
+def _flattens_to_rows(t: Tensor, split: bool = False) -> bool:
+    """Whether t [..., V] is a view of rows with a common stride and a contiguous last dim.
+    split: t is a rank's slice of a vocabulary split across ranks, which may be 0 or 1 wide, so
+    the strides decide alone, whatever V: every rank decides alike (where one raised, the others
+    would wait in a collective)."""
+    if (t.shape[:-1] if split else t.shape).numel() == 0:
         return True  # no rows: any strides will do
-    if t.stride(-1) != 1:
+    if (split or t.shape[-1] > 1) and t.stride(-1) != 1:
         return False
     outer_stride = None  # the stride the next dimension out must have to merge with this one
     for size, stride in reversed(list(zip(t.shape[:-1], t.stride()[:-1], strict=True))):
