@@ -592,8 +592,8 @@ class RDropLossFunction(torch.autograd.Function):
             # Detached aliases, not saved tensors: the logits now hold the gradients, and
             # unpacking a saved view whose storage changed would fail for views made by chunk.
             ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
-            if not torch.compiler.is_compiling():  # the aliases share the logits' counter
-                ctx.versions = _versions(ctx.grads)
+            if not torch.compiler.is_compiling():
+                ctx.versions = _versions(logits1, logits2)
         else:
             ctx.grads = (_empty_like_rows(logits1),
                          None if logits2 is None else _empty_like_rows(logits2))
@@ -615,7 +615,7 @@ class RDropLossFunction(torch.autograd.Function):
             return (*_recomputed_gradients(ctx, grad_rows), *[None] * 9)
         grads = take_gradients_once(ctx)
         if hasattr(ctx, "versions") and not torch.compiler.is_compiling():
-            _check_unchanged(grads, ctx.versions)
+            _check_unchanged(ctx.versions)
         if ctx.pending is not None:  # fp16 in place: written now, for this upstream gradient
             labels, stats, row_weight = ctx.saved_tensors
             write_gradients(*grads, labels, stats, row_weight * grad_rows.float(), *ctx.pending)
@@ -657,15 +657,23 @@ def _mark_written(*logits: Optional[Tensor]) -> None:
             torch.autograd.graph.increment_version(t)
 
 
-def _versions(tensors) -> list[int]:
-    return [t._version for t in tensors if t is not None]
+def _versions(*logits: Optional[Tensor]) -> list[tuple[Tensor, int]]:
+    """(alias, version) of each of the written logits that is a whole tensor, not a view of a
+    part of one: the version counter of a view moves with writes anywhere in its base (the
+    other chunks of a loss computed chunk by chunk), that of a whole tensor only with writes
+    into it. A detached alias shares the counter."""
+    def whole(t):
+        base = t._base
+        return base is None or (t.data_ptr() == base.data_ptr() and t.numel() == base.numel())
+
+    return [(t.detach(), t._version) for t in logits if t is not None and whole(t)]
 
 
-def _check_unchanged(logits, versions) -> None:
+def _check_unchanged(versions) -> None:
     """The in-place mode's gradients are the logits' contents (fp16's: written from them in
     the backward pass): a write into the logits between the forward and the backward pass
     would change them without a word."""
-    if _versions(logits) != versions:
+    if any(alias._version != version for alias, version in versions):
         raise RuntimeError(
             "fastrdrop: the logits were modified after the loss wrote their gradients into them "
             "(inplace_backward=True): by another in-place loss on the same logits, or by an "

@@ -346,6 +346,22 @@ def test_a_write_into_the_logits_before_the_backward_pass_is_refused(backend, dt
 
 
 @pytest.mark.parametrize("backend", fused_backends())
+def test_in_place_losses_on_other_rows_of_one_tensor_are_taken(backend):
+    # chunks of one tensor's rows, each its own in-place loss: every chunk's write moves the
+    # version counter that all views of the tensor share, and none touches another's rows
+    h = torch.randn(8, 50, device=DEVICE, requires_grad=True)
+    logits = h * 1
+    target = labels((4,), 50)
+    loss = sum(fastrdrop.rdrop_loss(logits[i:i + 2], logits[4 + i:6 + i], target[i:i + 2],
+                                    backend=backend, inplace_backward=True) for i in (0, 2))
+    loss.backward()
+    reference = h.detach().requires_grad_()
+    sum(fastrdrop.rdrop_loss(reference[i:i + 2], reference[4 + i:6 + i], target[i:i + 2],
+                             backend=backend) for i in (0, 2)).backward()
+    torch.testing.assert_close(h.grad, reference.grad)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
 def test_second_backward_is_refused(backend):
     # The gradients were made in the forward pass and are scaled in place: they serve once.
     z1, z2 = (z.requires_grad_() for z in logits_pair((3, 200), torch.float32))

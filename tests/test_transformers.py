@@ -587,8 +587,11 @@ def test_compile_has_no_graph_break_inside_fastrdrop():
     assert not inside, inside
     model.zero_grad()
 
-    def loss(input_ids):  # the whole forward, loss included, as one graph
-        return rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, chunk_size=8).loss
+    position_ids = torch.arange(input_ids.shape[1]).expand_as(input_ids)
+
+    def loss(input_ids):  # the whole forward, loss included, as one graph; a model keyword too
+        return rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, chunk_size=8,
+                                    position_ids=position_ids).loss
 
     results = []
     for fn in (loss, torch.compile(loss, fullgraph=True)):

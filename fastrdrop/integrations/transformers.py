@@ -156,7 +156,8 @@ def _parts_and_router_loss(model, input_ids, attention_mask=None, labels=None, *
     weight it as their base classes do."""
     _check_batch(input_ids, attention_mask, labels, shift_labels, num_items_in_batch)
     base = _unwrap(model)
-    _check_model_kwargs(base, model_kwargs)
+    if not torch.compiler.is_compiling():  # a graph traced after an eager call
+        _check_model_kwargs(base, model_kwargs)
     head = base.get_output_embeddings()
     softcap = _final_softcap(_text_config(base))
     if not torch.compiler.is_compiling():
