@@ -15,7 +15,7 @@ LIBRARY = {"linux": "libfastrdrop_cpu.so", "darwin": "libfastrdrop_cpu.dylib"}.g
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _i64, _int, _float, _ptr = ctypes.c_int64, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-ABI_VERSION = 7  # fastrdrop_cpu_abi_version() of a library with these signatures
+ABI_VERSION = 8  # fastrdrop_cpu_abi_version() of a library with these signatures
 _SIGNATURES = {
     # z1, z2, stride1, stride2, dtype, n_rows, vocab, target, ignore_index, eps, softcap,
     # then forward: row_weight, alpha, dz1, dz2, dstride1, dstride2, parts, stats;
@@ -53,10 +53,14 @@ def _build_note() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
-def _cpu_features() -> Optional[frozenset]:
-    """This CPU's features as Linux names them (the "flags" of /proc/cpuinfo on x86-64,
-    "Features" on AArch64), or None where that file does not tell."""
+def _cpu_features(lib) -> Optional[frozenset]:
+    """This CPU's features as Linux names them in /proc/cpuinfo: on x86-64 those the library
+    finds with cpuid (what -march=native saw, where a kernel may not name every flag); else
+    the "Features" (AArch64) or "flags" of /proc/cpuinfo; None where neither tells."""
+    lib.fastrdrop_cpu_detected.restype = ctypes.c_char_p
+    detected = lib.fastrdrop_cpu_detected()
+    if detected is not None:
+        return frozenset(detected.decode().split())
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
@@ -71,7 +75,7 @@ def _cpu_features() -> Optional[frozenset]:
 def _missing_features(lib) -> list:
     """The CPU features the library was built for (-march) that this CPU lacks: calling it
     there would kill the process with an illegal instruction."""
-    have = _cpu_features()
+    have = _cpu_features(lib)
     lib.fastrdrop_cpu_features.restype = ctypes.c_char_p
     built_for = lib.fastrdrop_cpu_features().decode().split()
     return [] if have is None else [name for name in built_for if name not in have]

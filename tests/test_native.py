@@ -160,8 +160,19 @@ def test_a_built_kernel_loads():
     if not any(note.is_file() and note.read_text().strip() == "built" for note in notes):
         pytest.skip("the install did not build the native kernel")
     assert _native.unavailable_reason() is None
-    if platform.system() == "Linux":
-        assert _native._cpu_features()
+
+
+@needs_native
+@pytest.mark.skipif(platform.system() != "Linux" or platform.machine() != "x86_64",
+                    reason="compares cpuid with Linux's /proc/cpuinfo on x86-64")
+def test_the_features_cpuid_finds_are_those_linux_names():
+    # the loader takes the CPU's features from cpuid (bit positions in the library's table):
+    # each one it finds is one that Linux names too, so no bit is misplaced
+    lib = _native._load()[0]
+    with open("/proc/cpuinfo") as cpuinfo:
+        flags = next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split()
+    detected = _native._cpu_features(lib)
+    assert detected and detected <= set(flags), sorted(detected - set(flags))
 
 
 @needs_native
@@ -173,7 +184,7 @@ def test_a_build_for_features_this_cpu_lacks_is_refused(monkeypatch):
     built_for = lib.fastrdrop_cpu_features().decode().split()
     if not built_for:
         pytest.skip("a portable build needs nothing beyond the architecture's baseline")
-    monkeypatch.setattr(_native, "_cpu_features", lambda: frozenset(built_for[1:]))
+    monkeypatch.setattr(_native, "_cpu_features", lambda lib: frozenset(built_for[1:]))
     _native._load.cache_clear()
     try:
         lib, reason = _native._load()
