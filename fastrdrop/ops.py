@@ -250,20 +250,30 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
                          "cannot write each one's gradient into it")
 
 
+def _root(t: Tensor) -> Tensor:
+    return t if t._base is None else t._base
+
+
 def _rows_overlap(a: Tensor, b: Tensor) -> bool:
     """Whether two rows of a [n, V] and b [m, V] (contiguous last dims, on one device) share
     memory; two rows of a itself when b is a. Exact for rows of one stride, by their span
     otherwise. By address, not storage: two storages may hold one memory (numpy, dlpack).
-    Expanded rows (row stride 0) overlap whatever V, as they do on the ranks of a vocabulary
-    split across them whose slices are not empty."""
+    An empty row (a rank's empty slice of a split vocabulary) counts as one element wide, so
+    that the ranks decide alike: expanded rows, or logits1 and logits2 one row apart, overlap
+    there too."""
     elem, (n, m) = a.element_size(), (a.shape[0], b.shape[0])
-    row_bytes = a.shape[1] * elem
+    row_bytes = max(a.shape[1], 1) * elem
     if a is b:
-        return n > 1 and (a.stride(0) == 0 or a.stride(0) * elem < row_bytes)
-    if a.numel() == 0 or b.numel() == 0:
+        return n > 1 and a.stride(0) * elem < row_bytes
+    if n == 0 or m == 0:
         return False
     stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
-    d = b.data_ptr() - a.data_ptr()
+    if a.shape[1] > 0:
+        d = b.data_ptr() - a.data_ptr()
+    elif _root(a) is _root(b):  # empty rows hold no memory: where they are in one tensor
+        d = (b.storage_offset() - a.storage_offset()) * elem
+    else:
+        return False
     if stride_a == stride_b and stride_a >= row_bytes:
         # rows i of a and j of b overlap iff |(i - j) stride - d| < row_bytes: try the k = i - j
         # in [-(m - 1), n - 1] closest to d / stride

@@ -285,6 +285,10 @@ def _inplace_layout_body(rank, world, splits):
         "transposed": ((weight @ h.t()).t(), target),  # [2N, V_r] with strides (1, 2N)
         "expanded": ((h[:1] @ weight.t()).expand(2 * N, v), target),
     }
+    logits = h @ weight.t()
+    with pytest.raises(ValueError, match="inplace_backward=True"):  # one row apart
+        fastrdrop.rdrop_loss(logits[:N], logits[1:N + 1], target, inplace_backward=True,
+                             backend="native", vocab_parallel_group=dist.group.WORLD)
     for name, (logits, labels) in layouts.items():
         with pytest.raises(ValueError, match="inplace_backward=True"):
             fastrdrop.stacked_rdrop_loss(logits, labels, inplace_backward=True, backend="native",
