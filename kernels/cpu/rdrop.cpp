@@ -52,6 +52,8 @@
 #include <utility>
 #include <vector>
 
+#include "features.h"
+
 namespace {
 
 constexpr int64_t kBlock = 2048;  // vocabulary block: both rows' fp32 copies stay in L1
@@ -1280,92 +1282,26 @@ int dispatch(int dtype, bool softcap, F&& f) {
   }
 }
 
-// ---- the instruction sets the build may use ------------------------------------------------
+// ---- the instruction sets the build may use (features.h) ----------------------------------
 
 // Whether macro m is defined (as a number): its expansion, as a string, no longer starts with "_"
 #define FASTRDROP_STRING(m) #m
 #define FASTRDROP_DEFINED(m) (FASTRDROP_STRING(m)[0] != '_')
 
-enum Reg : uint8_t { kEax, kEbx, kEcx, kEdx };
-enum State : uint8_t { kNoState, kYmm, kZmm };  // registers the OS must save (XCR0)
-
 struct Feature {
-  bool built_for;    // the compiler was allowed to use it (-march)
-  const char* name;  // as Linux names it in /proc/cpuinfo
-  // x86-64: where cpuid tells (the bits of GCC's and Clang's cpuid.h), and the registers it
-  // needs the OS to save
-  uint32_t leaf = 0;
-  uint32_t subleaf = 0;
-  Reg reg = kEax;
-  int bit = -1;  // -1: not an x86-64 feature
-  State state = kNoState;
+  bool built_for;  // the compiler was allowed to use it (-march)
+  const char* name;
 };
 
-#define FASTRDROP_X86(macro, name, leaf, subleaf, reg, bit, state) \
-  {FASTRDROP_DEFINED(macro), name, leaf, subleaf, reg, bit, state}
-
-// The extensions a compiler may emit in code like this without intrinsics, and those the
-// intrinsics above use. A library built with -march=native on one CPU dies of an illegal
-// instruction on a CPU that lacks one of them; the loader compares those it was built for with
-// those the CPU has (fastrdrop_cpu_detected, or on AArch64 /proc/cpuinfo).
-constexpr Feature kFeatures[] = {
-    FASTRDROP_X86(__SSE3__, "pni", 1, 0, kEcx, 0, kNoState),
-    FASTRDROP_X86(__SSSE3__, "ssse3", 1, 0, kEcx, 9, kNoState),
-    FASTRDROP_X86(__FMA__, "fma", 1, 0, kEcx, 12, kYmm),
-    FASTRDROP_X86(__SSE4_1__, "sse4_1", 1, 0, kEcx, 19, kNoState),
-    FASTRDROP_X86(__SSE4_2__, "sse4_2", 1, 0, kEcx, 20, kNoState),
-    FASTRDROP_X86(__MOVBE__, "movbe", 1, 0, kEcx, 22, kNoState),
-    FASTRDROP_X86(__POPCNT__, "popcnt", 1, 0, kEcx, 23, kNoState),
-    FASTRDROP_X86(__AVX__, "avx", 1, 0, kEcx, 28, kYmm),
-    FASTRDROP_X86(__F16C__, "f16c", 1, 0, kEcx, 29, kYmm),
-    FASTRDROP_X86(__BMI__, "bmi1", 7, 0, kEbx, 3, kNoState),
-    FASTRDROP_X86(__AVX2__, "avx2", 7, 0, kEbx, 5, kYmm),
-    FASTRDROP_X86(__BMI2__, "bmi2", 7, 0, kEbx, 8, kNoState),
-    FASTRDROP_X86(__AVX512F__, "avx512f", 7, 0, kEbx, 16, kZmm),
-    FASTRDROP_X86(__AVX512DQ__, "avx512dq", 7, 0, kEbx, 17, kZmm),
-    FASTRDROP_X86(__AVX512IFMA__, "avx512ifma", 7, 0, kEbx, 21, kZmm),
-    FASTRDROP_X86(__AVX512PF__, "avx512pf", 7, 0, kEbx, 26, kZmm),
-    FASTRDROP_X86(__AVX512ER__, "avx512er", 7, 0, kEbx, 27, kZmm),
-    FASTRDROP_X86(__AVX512CD__, "avx512cd", 7, 0, kEbx, 28, kZmm),
-    FASTRDROP_X86(__AVX512BW__, "avx512bw", 7, 0, kEbx, 30, kZmm),
-    FASTRDROP_X86(__AVX512VL__, "avx512vl", 7, 0, kEbx, 31, kZmm),
-    FASTRDROP_X86(__AVX512VBMI__, "avx512vbmi", 7, 0, kEcx, 1, kZmm),
-    FASTRDROP_X86(__AVX512VBMI2__, "avx512_vbmi2", 7, 0, kEcx, 6, kZmm),
-    FASTRDROP_X86(__GFNI__, "gfni", 7, 0, kEcx, 8, kNoState),
-    FASTRDROP_X86(__VAES__, "vaes", 7, 0, kEcx, 9, kYmm),
-    FASTRDROP_X86(__VPCLMULQDQ__, "vpclmulqdq", 7, 0, kEcx, 10, kYmm),
-    FASTRDROP_X86(__AVX512VNNI__, "avx512_vnni", 7, 0, kEcx, 11, kZmm),
-    FASTRDROP_X86(__AVX512BITALG__, "avx512_bitalg", 7, 0, kEcx, 12, kZmm),
-    FASTRDROP_X86(__AVX512VPOPCNTDQ__, "avx512_vpopcntdq", 7, 0, kEcx, 14, kZmm),
-    FASTRDROP_X86(__AVX512VP2INTERSECT__, "avx512_vp2intersect", 7, 0, kEdx, 8, kZmm),
-    FASTRDROP_X86(__AVX512FP16__, "avx512_fp16", 7, 0, kEdx, 23, kZmm),
-    FASTRDROP_X86(__AVXVNNI__, "avx_vnni", 7, 1, kEax, 4, kYmm),
-    FASTRDROP_X86(__AVX512BF16__, "avx512_bf16", 7, 1, kEax, 5, kZmm),
-    FASTRDROP_X86(__LZCNT__, "abm", 0x80000001u, 0, kEcx, 5, kNoState),
-    FASTRDROP_X86(__SSE4A__, "sse4a", 0x80000001u, 0, kEcx, 6, kNoState),
-    FASTRDROP_X86(__XOP__, "xop", 0x80000001u, 0, kEcx, 11, kYmm),
-    FASTRDROP_X86(__FMA4__, "fma4", 0x80000001u, 0, kEcx, 16, kYmm),
-    FASTRDROP_X86(__TBM__, "tbm", 0x80000001u, 0, kEcx, 21, kNoState),
-    // AArch64
-    {FASTRDROP_DEFINED(__ARM_FEATURE_ATOMICS), "atomics"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_QRDMX), "asimdrdm"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_FP16_VECTOR_ARITHMETIC), "asimdhp"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_DOTPROD), "asimddp"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_BF16_VECTOR_ARITHMETIC), "bf16"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_MATMUL_INT8), "i8mm"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_SVE), "sve"},
-    {FASTRDROP_DEFINED(__ARM_FEATURE_SVE2), "sve2"},
-};
-
-// Names, each followed by a space.
-struct FeatureNames {
-  char text[512] = {};
-};
+#define FASTRDROP_BUILT_FOR_X86(macro, name, ...) {FASTRDROP_DEFINED(macro), name},
+#define FASTRDROP_BUILT_FOR_ARM(macro, name) {FASTRDROP_DEFINED(macro), name},
+constexpr Feature kFeatures[] = {FASTRDROP_X86_FEATURES(FASTRDROP_BUILT_FOR_X86)
+                                     FASTRDROP_ARM_FEATURES(FASTRDROP_BUILT_FOR_ARM)};
 
 // The features built for: constant data, made by the compiler, so that the function that
 // returns it runs no instruction the CPU may lack.
-constexpr FeatureNames built_for_names() {
-  FeatureNames out;
+constexpr FastrdropFeatureNames built_for_names() {
+  FastrdropFeatureNames out;
   int at = 0;
   for (const Feature& f : kFeatures) {
     if (!f.built_for) continue;
@@ -1375,87 +1311,21 @@ constexpr FeatureNames built_for_names() {
   return out;
 }
 
-constexpr FeatureNames kBuiltFor = built_for_names();
-
-#if defined(__x86_64__)
-// Compiled for the architecture's baseline, whatever -march the rest of the library has: the
-// loader calls these first, on any x86-64 CPU (and no function of another target is inlined
-// into them).
-#define FASTRDROP_BASELINE __attribute__((target("arch=x86-64")))
-
-FASTRDROP_BASELINE void cpuid(uint32_t leaf, uint32_t subleaf, uint32_t (&r)[4]) {
-  __asm__("cpuid" : "=a"(r[kEax]), "=b"(r[kEbx]), "=c"(r[kEcx]), "=d"(r[kEdx])
-          : "a"(leaf), "c"(subleaf));
-}
-
-// The x86-64 features of kFeatures that this CPU has and whose registers the OS saves, from
-// cpuid and XCR0, as the compiler's -march=native saw them (/proc/cpuinfo names only the flags
-// that its kernel knows).
-FASTRDROP_BASELINE void detect_features(FeatureNames& out) {
-  uint32_t r[4];
-  cpuid(0, 0, r);
-  const uint32_t max_leaf = r[kEax];
-  cpuid(0x80000000u, 0, r);
-  const uint32_t max_extended = r[kEax];
-  cpuid(1, 0, r);
-  uint64_t xcr0 = 0;
-  if (r[kEcx] >> 27 & 1) {  // OSXSAVE: xgetbv may run
-    uint32_t low, high;
-    __asm__("xgetbv" : "=a"(low), "=d"(high) : "c"(0));
-    xcr0 = (uint64_t{high} << 32) | low;
-  }
-  const bool ymm = (xcr0 & 0x6) == 0x6;                 // SSE and AVX state
-  const bool zmm = ymm && (xcr0 & 0xE0) == 0xE0;        // opmask, upper ZMM, ZMM16-31
-  uint32_t max_subleaf7 = 0;
-  if (max_leaf >= 7) {
-    cpuid(7, 0, r);
-    max_subleaf7 = r[kEax];
-  }
-  int at = 0;
-  for (const Feature& f : kFeatures) {
-    const bool listed = f.bit >= 0 && (f.leaf >= 0x80000000u ? f.leaf <= max_extended
-                                                               : f.leaf <= max_leaf) &&
-                        (f.leaf != 7 || f.subleaf <= max_subleaf7);
-    if (!listed) continue;
-    cpuid(f.leaf, f.subleaf, r);
-    const bool saved = f.state == kNoState || (f.state == kYmm ? ymm : zmm);
-    if (!(r[f.reg] >> f.bit & 1) || !saved) continue;
-    for (const char* c = f.name; *c; ++c) out.text[at++] = *c;
-    out.text[at++] = ' ';
-  }
-}
-#endif
+constexpr FastrdropFeatureNames kBuiltFor = built_for_names();
 
 }  // namespace
 
 // ---- C API: returns 0, or 1 for an unknown dtype -------------------------------------------
 
-#define FASTRDROP_API __attribute__((visibility("default")))
-
 extern "C" {
 
-// Bumped whenever a signature below changes: the loader refuses a stale build.
+// Bumped whenever a signature of the C API (below, and in features.cpp) changes: the loader
+// refuses a stale build.
 FASTRDROP_API int fastrdrop_cpu_abi_version() { return 8; }
 
 // The CPU features this build may use, as /proc/cpuinfo names them, separated by spaces ("" for
 // a build for the architecture's baseline).
 FASTRDROP_API const char* fastrdrop_cpu_features() { return kBuiltFor.text; }
-
-// Of the features fastrdrop_cpu_features may name, those this CPU has and its OS enables, in the
-// same form; NULL where the library cannot tell (not x86-64).
-#if defined(__x86_64__)
-FASTRDROP_BASELINE
-#endif
-FASTRDROP_API const char* fastrdrop_cpu_detected() {
-#if defined(__x86_64__)
-  static FeatureNames detected;
-  static const bool done = (detect_features(detected), true);
-  (void)done;
-  return detected.text;
-#else
-  return nullptr;
-#endif
-}
 
 // The index of the first of the n labels that lies outside [0, vocab) and is not ignore_index,
 // or -1 where there is none: the argument check of the CPU backends, one pass over the labels
