@@ -250,8 +250,8 @@ def check_writable_rows(logits1: Tensor, logits2: Optional[Tensor]) -> None:
                          "cannot write each one's gradient into it")
 
 
-def _root(t: Tensor) -> Tensor:
-    return t if t._base is None else t._base
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
 def _rows_overlap(a: Tensor, b: Tensor) -> bool:
@@ -270,7 +270,7 @@ def _rows_overlap(a: Tensor, b: Tensor) -> bool:
     stride_a, stride_b = (t.stride(0) * elem if len(t) > 1 else row_bytes for t in (a, b))
     if a.shape[1] > 0:
         d = b.data_ptr() - a.data_ptr()
-    elif _root(a) is _root(b):  # empty rows hold no memory: where they are in one tensor
+    elif _same_storage(a, b):  # empty rows hold no memory: where they are in one storage
         d = (b.storage_offset() - a.storage_offset()) * elem
     else:
         return False
@@ -668,15 +668,18 @@ def _mark_written(*logits: Optional[Tensor]) -> None:
 
 
 def _versions(*logits: Optional[Tensor]) -> list[tuple[Tensor, int]]:
-    """(alias, version) of each of the written logits that is a whole tensor, not a view of a
-    part of one: the version counter of a view moves with writes anywhere in its base (the
-    other chunks of a loss computed chunk by chunk), that of a whole tensor only with writes
-    into it. A detached alias shares the counter."""
-    def whole(t):
-        base = t._base
-        return base is None or (t.data_ptr() == base.data_ptr() and t.numel() == base.numel())
+    """(alias, version) of each of the written logits that, with the others written in its
+    storage, fills that storage: the version counter is the storage's (its views and detached
+    aliases share it), so it moves with writes anywhere in it, which are writes into the
+    logits only where they fill it (not where they are chunks of a tensor's rows, each chunk's
+    loss writing its own)."""
+    written = [t for t in logits if t is not None]
 
-    return [(t.detach(), t._version) for t in logits if t is not None and whole(t)]
+    def fills(t):
+        together = [u for u in written if _same_storage(t, u)]  # rows apart: checked before
+        return sum(u.numel() * u.element_size() for u in together) == t.untyped_storage().nbytes()
+
+    return [(t.detach(), t._version) for t in written if fills(t)]
 
 
 def _check_unchanged(versions) -> None:

@@ -334,7 +334,8 @@ def test_a_write_into_the_logits_before_the_backward_pass_is_refused(backend, dt
     h = torch.randn(6, 50, device=DEVICE, dtype=dtype, requires_grad=True)
     logits = h * 1
     target = labels((3,), 50)
-    loss = fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, inplace_backward=True)
+    loss = fastrdrop.rdrop_loss(logits[:3], logits[3:], target, backend=backend,
+                                inplace_backward=True)  # the halves of one tensor
     if write == "an in-place op":
         with torch.no_grad():
             logits.clamp_(-1.0, 1.0)
@@ -359,6 +360,10 @@ def test_in_place_losses_on_other_rows_of_one_tensor_are_taken(backend):
     sum(fastrdrop.rdrop_loss(reference[i:i + 2], reference[4 + i:6 + i], target[i:i + 2],
                              backend=backend) for i in (0, 2)).backward()
     torch.testing.assert_close(h.grad, reference.grad)
+    # chunks detached into leaves of their own: no views, and the same counter
+    chunks = [c.detach().requires_grad_() for c in (h.detach() * 1).split(2)]
+    sum(fastrdrop.rdrop_loss(chunks[k], chunks[k + 2], target[2 * k:2 * k + 2],
+                             backend=backend, inplace_backward=True) for k in (0, 1)).backward()
 
 
 @pytest.mark.parametrize("backend", fused_backends())

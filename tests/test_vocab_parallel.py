@@ -297,10 +297,27 @@ def _inplace_layout_body(rank, world, splits):
     dist.barrier()
 
 
+def _inplace_dtensor_pair_body(rank, world):
+    # the same with DTensor logits, whose halves' local shards are views of no common tensor
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    full = torch.randn(2 * N, 1, generator=torch.Generator().manual_seed(0))
+    logits = distribute_tensor(full, mesh, [Shard(1)]).requires_grad_() * 1  # rank 1: empty
+    with pytest.raises(ValueError, match="inplace_backward=True"):
+        fastrdrop.rdrop_loss(logits[:N], logits[1:N + 1], torch.zeros(N, dtype=torch.long),
+                             inplace_backward=True, backend="native")
+    dist.barrier()
+
+
 @pytest.mark.skipif(DEVICE.type != "cpu", reason="the native backend on CPU tensors")
-@pytest.mark.parametrize("splits", [[3, 0], [3, 1]], ids=str)
+@pytest.mark.parametrize("splits", [[3, 0], [3, 1], "dtensor"], ids=str)
 def test_logits_that_cannot_be_written_in_place_raise_on_every_rank(splits):
-    run_ranks(_inplace_layout_body, len(splits), splits)
+    if splits == "dtensor":
+        run_ranks(_inplace_dtensor_pair_body, 2)
+    else:
+        run_ranks(_inplace_layout_body, len(splits), splits)
 
 
 def _agreed_chunk_body(rank, world):
