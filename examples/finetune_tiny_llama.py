@@ -79,7 +79,8 @@ def main():
         parser.error(f"--steps must be at least 1, got {args.steps}")
     if not args.alpha >= 0:
         parser.error(f"--alpha must be >= 0, got {args.alpha}")
-    if args.out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg") or args.out.is_dir():
+    if args.out.is_dir() or args.out.suffix.lower() not in (".png", ".pdf", ".svg", ".jpg",
+                                                            ".jpeg"):
         parser.error(f"--out must name a .png, .pdf, .svg or .jpg file, got {args.out}")
     if not args.out.parent.is_dir():
         parser.error(f"--out: no folder {args.out.parent}")

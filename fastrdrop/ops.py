@@ -669,15 +669,17 @@ def _mark_written(*logits: Optional[Tensor]) -> None:
 
 def _versions(*logits: Optional[Tensor]) -> list[tuple[Tensor, int]]:
     """(alias, version) of each of the written logits that, with the others written in its
-    storage, fills that storage: the version counter is the storage's (its views and detached
-    aliases share it), so it moves with writes anywhere in it, which are writes into the
-    logits only where they fill it (not where they are chunks of a tensor's rows, each chunk's
-    loss writing its own)."""
+    storage, fills that storage: a tensor's views and detached aliases share its version
+    counter, which moves with writes anywhere in it, so with writes into the logits only where
+    they fill it (not where they are chunks of a tensor's rows, each chunk's loss writing its
+    own). Not an empty slice of a split vocabulary: it holds no gradient, and its chunks would
+    each seem to fill its 0 bytes."""
     written = [t for t in logits if t is not None]
 
     def fills(t):
         together = [u for u in written if _same_storage(t, u)]  # rows apart: checked before
-        return sum(u.numel() * u.element_size() for u in together) == t.untyped_storage().nbytes()
+        nbytes = t.untyped_storage().nbytes()
+        return nbytes > 0 and sum(u.numel() * u.element_size() for u in together) == nbytes
 
     return [(t.detach(), t._version) for t in written if fills(t)]
 

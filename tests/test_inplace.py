@@ -328,14 +328,17 @@ def test_inplace_without_grad_writes_nothing_and_refuses_nothing(backend):
 @pytest.mark.parametrize("backend", fused_backends())
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("write", ["another in-place loss", "an in-place op"])
-def test_a_write_into_the_logits_before_the_backward_pass_is_refused(backend, dtype, write):
+@pytest.mark.parametrize("stacked", [False, True], ids=["halves", "stacked"])
+def test_a_write_into_the_logits_before_the_backward_pass_is_refused(backend, dtype, write,
+                                                                     stacked):
     # The logits hold this loss's gradients (fp16's: the values they are written from): a write
     # in between changed the gradient without a word
     h = torch.randn(6, 50, device=DEVICE, dtype=dtype, requires_grad=True)
     logits = h * 1
     target = labels((3,), 50)
-    loss = fastrdrop.rdrop_loss(logits[:3], logits[3:], target, backend=backend,
-                                inplace_backward=True)  # the halves of one tensor
+    loss = (fastrdrop.stacked_rdrop_loss(logits, target, backend=backend, inplace_backward=True)
+            if stacked else fastrdrop.rdrop_loss(logits[:3], logits[3:], target, backend=backend,
+                                                 inplace_backward=True))
     if write == "an in-place op":
         with torch.no_grad():
             logits.clamp_(-1.0, 1.0)
@@ -364,6 +367,7 @@ def test_in_place_losses_on_other_rows_of_one_tensor_are_taken(backend):
     chunks = [c.detach().requires_grad_() for c in (h.detach() * 1).split(2)]
     sum(fastrdrop.rdrop_loss(chunks[k], chunks[k + 2], target[2 * k:2 * k + 2],
                              backend=backend, inplace_backward=True) for k in (0, 1)).backward()
+    torch.testing.assert_close(torch.cat([c.grad for c in chunks]), reference.grad)
 
 
 @pytest.mark.parametrize("backend", fused_backends())

@@ -297,6 +297,23 @@ def _inplace_layout_body(rank, world, splits):
     dist.barrier()
 
 
+def _inplace_chunks_body(rank, world, splits):
+    # a loss computed chunk by chunk over one tensor's rows, in place: an empty slice's chunks
+    # each seemed to fill its 0 bytes, and that rank alone found their writes a modification
+    h = torch.randn(2 * N, H, requires_grad=True)
+    logits = h @ torch.randn(splits[rank], H).t()
+    target = torch.randint(0, sum(splits), (N,), generator=torch.Generator().manual_seed(0))
+    sum(fastrdrop.rdrop_loss(logits[i:i + 2], logits[N + i:N + i + 2], target[i:i + 2],
+                             inplace_backward=True, backend="native",
+                             vocab_parallel_group=dist.group.WORLD) for i in (0, 2)).backward()
+    dist.barrier()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the native backend on CPU tensors")
+def test_in_place_chunks_with_an_empty_slice_are_taken():
+    run_ranks(_inplace_chunks_body, 2, [3, 0])
+
+
 def _inplace_dtensor_pair_body(rank, world):
     # the same with DTensor logits, whose halves' local shards are views of no common tensor
     from torch.distributed.device_mesh import init_device_mesh
