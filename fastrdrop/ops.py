@@ -603,7 +603,7 @@ class RDropLossFunction(torch.autograd.Function):
             # unpacking a saved view whose storage changed would fail for views made by chunk.
             ctx.grads = logits1.detach(), None if logits2 is None else logits2.detach()
             if not torch.compiler.is_compiling():
-                ctx.versions = _versions(logits1, logits2)
+                ctx.versions = _versions(*ctx.grads)
         else:
             ctx.grads = (_empty_like_rows(logits1),
                          None if logits2 is None else _empty_like_rows(logits2))
@@ -668,7 +668,7 @@ def _mark_written(*logits: Optional[Tensor]) -> None:
 
 
 def _versions(*logits: Optional[Tensor]) -> list[tuple[Tensor, int]]:
-    """(alias, version) of each of the written logits that, with the others written in its
+    """(alias, version) of each of the written logits' aliases that, with the others in its
     storage, fills that storage: a tensor's views and detached aliases share its version
     counter, which moves with writes anywhere in it, so with writes into the logits only where
     they fill it (not where they are chunks of a tensor's rows, each chunk's loss writing its
@@ -681,7 +681,7 @@ def _versions(*logits: Optional[Tensor]) -> list[tuple[Tensor, int]]:
         nbytes = t.untyped_storage().nbytes()
         return nbytes > 0 and sum(u.numel() * u.element_size() for u in together) == nbytes
 
-    return [(t.detach(), t._version) for t in written if fills(t)]
+    return [(t, t._version) for t in written if fills(t)]
 
 
 def _check_unchanged(versions) -> None:
