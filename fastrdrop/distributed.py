@@ -27,6 +27,7 @@ gradients, whose matmul with each rank's weight slice gives only that slice's sh
 Every rank must pass the same tokens, labels and keywords: the collectives pair up by order.
 """
 
+import copy
 import functools
 import weakref
 from typing import Optional
@@ -49,6 +50,17 @@ def check_group(group) -> None:
     if not (dist.is_available() and isinstance(group, dist.ProcessGroup)):
         raise TypeError("vocab_parallel_group must be a torch.distributed ProcessGroup or None, "
                         f"got {type(group).__name__}")
+
+
+def deepcopy_sharing(module, group, memo: dict):
+    """copy.deepcopy of a loss module that holds ``group``: the copy takes the same group. A
+    process group is a handle to the ranks' communicator, which cannot be copied (deepcopy
+    raised for a module holding one, as for a model that holds such a module)."""
+    memo[id(group)] = group
+    new = module.__class__.__new__(module.__class__)
+    memo[id(module)] = new
+    new.__setstate__(copy.deepcopy(module.__dict__, memo))
+    return new
 
 
 def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group, *,

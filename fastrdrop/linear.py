@@ -142,6 +142,9 @@ class LinearRDropLoss(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.kwargs.items())
 
+    def __deepcopy__(self, memo):
+        return distributed.deepcopy_sharing(self, self.kwargs["vocab_parallel_group"], memo)
+
 
 def default_chunk_size(n_rows: int, hidden_size: int, vocab_size: int, dtype: torch.dtype,
                        device: torch.device) -> int:

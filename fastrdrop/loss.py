@@ -255,6 +255,9 @@ class _Keywords(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{key}={value!r}" for key, value in self.keywords().items())
 
+    def __deepcopy__(self, memo):
+        return distributed.deepcopy_sharing(self, self.vocab_parallel_group, memo)
+
 
 class RDropLoss(_Keywords):
     """Module form of :func:`rdrop_loss`; the keywords are fixed at construction.

@@ -246,6 +246,39 @@ def test_group_must_be_a_process_group():
         fastrdrop.rdrop_loss(z, z, vocab_parallel_group="world")
 
 
+def _deepcopy_body(rank, world):
+    import copy
+
+    group = dist.group.WORLD
+    keywords = dict(vocab_parallel_group=group, alpha=0.7)
+    head = torch.nn.ModuleDict({"stacked": fastrdrop.StackedRDropLoss(**keywords),
+                                "pair": fastrdrop.RDropLoss(**keywords),
+                                "linear": fastrdrop.LinearRDropLoss(**keywords)})
+    twin = copy.deepcopy(head)
+    assert twin["stacked"] is not head["stacked"] and twin["linear"] is not head["linear"]
+    assert twin["stacked"].vocab_parallel_group is group
+    assert twin["pair"].vocab_parallel_group is group
+    assert twin["linear"].kwargs["vocab_parallel_group"] is group
+    assert twin["linear"].kwargs is not head["linear"].kwargs
+    gen = torch.Generator().manual_seed(rank)
+    z = torch.randn(2 * N, 3 + rank, generator=gen, device="cpu").to(DEVICE)
+    h = torch.randn(2 * N, H, generator=gen, device="cpu").to(DEVICE)
+    w = torch.randn(3 + rank, H, generator=gen, device="cpu").to(DEVICE)
+    target = torch.arange(N, device=DEVICE) % (2 * 3 + 1)
+    for losses in (head, twin):  # the copy's collectives pair with the original's
+        got = [losses["stacked"](z, target), losses["pair"](*z.chunk(2), target),
+               losses["linear"](*h.chunk(2), w, target)]
+        if losses is head:
+            want = got
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_deepcopy_shares_the_process_group():
+    """A process group cannot be copied: copy.deepcopy of a loss module holding one (or of a
+    model holding such a module) raised; the copy takes the same group."""
+    run_ranks(_deepcopy_body, 2)
+
+
 def _empty_shard_body(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
