@@ -63,6 +63,15 @@ def deepcopy_sharing(module, group, memo: dict):
     return new
 
 
+def check_whole_vocabulary(total: int) -> None:
+    """The slices of the ranks make a vocabulary of ``total`` >= 1 entries (one rank's may be
+    empty, not all of them)."""
+    if total == 0:
+        raise ValueError("the vocabulary split across vocab_parallel_group is empty: every "
+                         "rank's slice (of the logits, or of the weight's rows) has V_r = 0, and "
+                         "the loss needs V >= 1")
+
+
 def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group, *,
                         ignore_index: int, label_smoothing: float, softcap: Optional[float],
                         backend: str, partials_rows, check_labels):
@@ -71,7 +80,8 @@ def vocab_parallel_rows(z1: Tensor, z2: Tensor, target: Optional[Tensor], group,
     LOCAL_IGNORE where ignored (the backward kernels take it as their ignore_index), or V_r
     (another rank's label: no term here).
     ``partials_rows(z1, z2, label_smoothing, softcap, backend)`` launches the partials kernel;
-    ``check_labels(target, V)`` checks the labels against the whole vocabulary (a 0-d tensor)."""
+    ``check_labels(target, V)`` checks the whole vocabulary's size V (a 0-d tensor), and the
+    labels against it."""
     n_rows, vocab = z1.shape
     partials = partials_rows(z1, z2, label_smoothing, softcap, backend)  # [10, N]
     world, rank = dist.get_world_size(group), dist.get_rank(group)

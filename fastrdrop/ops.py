@@ -339,10 +339,12 @@ def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smo
     """(parts [3, N], stats [N_STATS, N], this rank's labels for the backward kernels, whose
     ignore_index is distributed.LOCAL_IGNORE) of rows [N, V_r] whose vocabulary is split across
     the ranks of ``group`` (logits2 None: logits1 [2N, V_r] holds both passes)."""
-    def check_labels(labels, total):  # not while a graph is traced: it reads total back
-        if (labels is not None and not torch.compiler.is_compiling()
-                and labels_checked(labels, backend)):
-            check_target_values(labels, int(total), ignore_index, backend)
+    def check_labels(labels, total):  # reads total back: on CPU, or where labels are read
+        read = labels is not None and labels_checked(labels, backend)
+        if torch.compiler.is_compiling() or not (read or total.device.type == "cpu"):
+            return
+        distributed.check_whole_vocabulary(int(total))
+        check_target_values(labels, int(total), ignore_index, backend)
 
     return distributed.vocab_parallel_rows(
         *halves(logits1, logits2), target, group, ignore_index=ignore_index,

@@ -52,6 +52,7 @@ def rdrop_loss(
     if vocab_parallel_group is not None:
         logits1 = distributed.gather_vocab(logits1, vocab_parallel_group)
         logits2 = distributed.gather_vocab(logits2, vocab_parallel_group)
+        distributed.check_whole_vocabulary(logits1.shape[-1])
     vocab_size = logits1.shape[-1]
     check_target_values(target, vocab_size, ignore_index, "torch")
     compute_dtype = torch.promote_types(logits1.dtype, torch.float32)

@@ -279,6 +279,31 @@ def test_deepcopy_shares_the_process_group():
     run_ranks(_deepcopy_body, 2)
 
 
+def _empty_vocabulary_body(rank, world, backend):
+    group, target = dist.group.WORLD, torch.zeros(N, dtype=torch.long, device=DEVICE)
+    z = torch.zeros(2 * N, 0, device=DEVICE, requires_grad=True)
+    h = torch.randn(2 * N, H, device=DEVICE, requires_grad=True)
+    calls = [lambda: fastrdrop.stacked_rdrop_loss(z, target, backend=backend,
+                                                  vocab_parallel_group=group),
+             lambda: fastrdrop.rdrop_loss(z[:N], z[N:], None, backend=backend,
+                                          vocab_parallel_group=group),
+             lambda: fastrdrop.linear_rdrop_loss(h[:N], h[N:], torch.zeros(0, H, device=DEVICE),
+                                                 None, backend=backend,
+                                                 vocab_parallel_group=group)]
+    for call in calls:
+        with pytest.raises(ValueError, match="vocab_parallel_group is empty"):
+            call()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="read back on CPU only: a host sync elsewhere")
+@pytest.mark.parametrize("backend", ["torch", *fused_backends()])
+def test_a_vocabulary_empty_on_every_rank_raises(backend):
+    """A whole vocabulary of 0 entries (one rank's slice may be empty, not all) is refused on
+    every rank, as V = 0 is in one process; the fused losses were 0, the reference raised an
+    error of torch.reshape."""
+    run_ranks(_empty_vocabulary_body, 2, backend)
+
+
 def _empty_shard_body(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
