@@ -5,6 +5,7 @@ import ctypes
 import platform
 import shutil
 import subprocess
+import types
 import warnings
 
 import pytest
@@ -173,6 +174,32 @@ def test_the_features_cpuid_finds_are_those_linux_names():
         flags = next(line for line in cpuinfo if line.startswith("flags")).split(":")[1].split()
     detected = _native._cpu_features(lib)
     assert detected and detected <= set(flags), sorted(detected - set(flags))
+
+
+class _Symbol:
+    """A stand-in for a function of the library, as ctypes gives it."""
+
+    def __init__(self, value):
+        self.value, self.restype = value, None
+
+    def __call__(self):
+        return self.value
+
+
+def test_features_from_the_cpuinfo_of_aarch64(monkeypatch, tmp_path):
+    # Off x86-64 the library detects nothing (NULL) and the loader reads the "Features" line
+    # that Linux writes on AArch64: a build for sve is refused on a CPU without it
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nBogoMIPS\t: 243.75\nFeatures\t: fp asimd evtstrm aes "
+                       "atomics fphp asimdhp cpuid asimdrdm lrcpc dcpop asimddp ssbs\n"
+                       "CPU implementer\t: 0x41\n")
+    monkeypatch.setattr(_native, "open", lambda path: open(cpuinfo), raising=False)
+    lib = types.SimpleNamespace(fastrdrop_cpu_detected=_Symbol(None),
+                                fastrdrop_cpu_features=_Symbol(b"atomics asimddp sve "))
+    assert {"atomics", "asimdhp", "asimddp"} <= _native._cpu_features(lib)
+    assert _native._missing_features(lib) == ["sve"]
+    cpuinfo.write_text("processor\t: 0\n")  # nothing to tell: nothing is refused
+    assert _native._cpu_features(lib) is None and _native._missing_features(lib) == []
 
 
 @needs_native
