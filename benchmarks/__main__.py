@@ -19,6 +19,7 @@ import torch
 
 from benchmarks import report, vocab_parallel
 from benchmarks.measure import (
+    FAILED,
     MODES,
     Case,
     environment,
@@ -59,15 +60,24 @@ DEFAULTS = dict(tokens=None, vocab=None, dtypes=None, hidden=[], providers=list(
                 modes=list(MODES), worlds=None)
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--preset", choices=list(PRESETS),
                         help="a named set of the options below; those given with it win")
-    parser.add_argument("--tokens", type=int, nargs="+", help="N values (default: per device)")
-    parser.add_argument("--vocab", type=int, nargs="+", help="V values (default: per device)")
-    parser.add_argument("--hidden", type=int, nargs="+", default=DEFAULTS["hidden"],
+    parser.add_argument("--tokens", type=_positive, nargs="+",
+                        help="N values (default: per device)")
+    parser.add_argument("--vocab", type=_positive, nargs="+",
+                        help="V values (default: per device)")
+    parser.add_argument("--hidden", type=_positive, nargs="+", default=DEFAULTS["hidden"],
                         help="H values for the linear providers (default: none)")
     parser.add_argument("--dtypes", nargs="+", choices=["bfloat16", "float32", "float16"])
     parser.add_argument("--providers", nargs="+", choices=list(PROVIDERS),
@@ -82,7 +92,7 @@ def parse_args(argv=None):
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>, then the preset and the options given beyond it)")
     parser.add_argument("--no-plots", action="store_true")
-    parser.add_argument("--worlds", type=int, nargs="+",
+    parser.add_argument("--worlds", type=_positive, nargs="+",
                         help="gloo ranks: run the vocabulary-parallel loss on each number of "
                              "ranks instead of the providers (see cpu-vocab-parallel)")
     preset = parser.parse_args(argv).preset
@@ -94,6 +104,22 @@ def parse_args(argv=None):
         parser.error(f"--repeats must be >= 2, got {args.repeats}")
     if args.rounds is not None and args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.worlds:
+        # one size of fp32 logits, fwd+bwd of rdrop_loss (benchmarks/vocab_parallel.py)
+        if len(args.tokens or [0]) > 1 or len(args.vocab or [0]) > 1:
+            parser.error("--worlds runs one size: give one --tokens and one --vocab value")
+        if (args.dtypes not in (None, ["float32"]) or args.hidden
+                or args.providers != DEFAULTS["providers"]
+                or args.modes not in (DEFAULTS["modes"], ["fwd+bwd"])):
+            parser.error("--worlds times fwd+bwd of rdrop_loss on fp32 logits: it takes no "
+                         "--dtypes, --hidden, --providers or --modes")
+    elif not any(True for _ in case_groups(args, torch.device(args.device))):
+        parser.error(
+            f"--providers {' '.join(args.providers)} with --modes {' '.join(args.modes)} and "
+            f"--hidden {' '.join(map(str, args.hidden)) or '(none)'} select no case: the "
+            f"linear providers ({', '.join(LINEAR)}) need --hidden, and "
+            f"{', '.join(n for n, p in PROVIDERS.items() if p.grad_only)} are timed fwd+bwd "
+            "only")
     return args
 
 
@@ -168,6 +194,10 @@ def main():
         report.plots(result, out)
     print(table)
     print(f"results written to {out}")
+    failed = [r for r in rows if r["status"].startswith(FAILED)]
+    if failed:
+        raise SystemExit(f"{len(failed)} cases failed (their errors are above), e.g. "
+                         f"{failed[0]['provider']} {failed[0]['mode']}: {failed[0]['status']}")
 
 
 def _merge(rows, row_of, case, row, round_index):

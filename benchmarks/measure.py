@@ -23,6 +23,9 @@ from benchmarks.providers import PROVIDERS
 MODES = ("fwd", "fwd+bwd")
 
 
+FAILED = "failed"  # the status of a case whose process raised or was killed
+
+
 class WrongResult(Exception):
     """A provider's loss or gradients differ from the reference's: it is not timed."""
 
@@ -272,9 +275,17 @@ def measure_in_subprocess(cases, device, repeats, warmup=2, first=True):
     is its own and not that of another provider (the cases share a provider and sizes)."""
     args = json.dumps(dict(cases=[asdict(c) for c in cases], device=str(device), repeats=repeats,
                            warmup=warmup, first=first))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args], check=True,
+    done = subprocess.run([sys.executable, "-m", "benchmarks.measure", args],
                           capture_output=True, text=True, cwd=Path(__file__).parent.parent)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    if done.returncode == 0:
+        return json.loads(done.stdout.strip().splitlines()[-1])
+    # A row that says so, and the error on the console: the run goes on, and fails at its end
+    print(done.stderr, file=sys.stderr)
+    lines = done.stderr.strip().splitlines()
+    why = lines[-1] if lines else f"exit status {done.returncode}"
+    if done.returncode < 0:  # a signal: SIGKILL where the OS ran out of memory
+        why = f"killed by signal {-done.returncode}"
+    return [dict(asdict(case), status=f"{FAILED}: {why}") for case in cases]
 
 
 def environment(device):
@@ -285,19 +296,9 @@ def environment(device):
             versions[package] = importlib.metadata.version(package.replace("_", "-"))
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own; "-dirty": the
-    # tree holds changes that no commit has, but for results (a run rewrites its own files)
-    commit = os.environ.get("FASTRDROP_COMMIT")
-    try:
-        root = Path(__file__).parent.parent
-        commit = commit or subprocess.run(["git", "rev-parse", "--short=7", "HEAD"], cwd=root,
-                                          capture_output=True, text=True,
-                                          check=True).stdout.strip()
-        changed = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", ".",
-                                  ":(exclude)benchmarks/results"], cwd=root).returncode
-        commit += "-dirty" if changed and "FASTRDROP_COMMIT" not in os.environ else ""
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    # FASTRDROP_COMMIT names the commit of a copied tree whose .git is not its own
+    commit = os.environ.get("FASTRDROP_COMMIT") or _commit_of(
+        Path(fastrdrop.__file__).resolve().parent.parent)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
@@ -307,6 +308,24 @@ def environment(device):
                 fastrdrop=fastrdrop.__version__,
                 backend=fastrdrop.loss.default_backend(device), python=platform.python_version(),
                 commit=commit, date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"))
+
+
+def _commit_of(root: Path) -> str:
+    """The commit of the fastrdrop measured, where ``root`` is the top of its git checkout (an
+    installed or editable fastrdrop may be another tree than the benchmarks'); "-dirty": the tree
+    holds changes that no commit has, but for results (a run rewrites its own files)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
+
+    try:
+        top = git("rev-parse", "--show-toplevel")
+        if top.returncode or Path(top.stdout.strip()).resolve() != root:
+            return "unknown"
+        commit = git("rev-parse", "--short=7", "HEAD").stdout.strip() or "unknown"
+        changed = git("diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results")
+    except OSError:  # no git
+        return "unknown"
+    return commit + ("-dirty" if changed.returncode else "")
 
 
 def cpu_name(cpuinfo="/proc/cpuinfo"):

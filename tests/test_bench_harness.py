@@ -214,3 +214,37 @@ def test_vocab_parallel_rows_cover_a_vocabulary_the_ranks_do_not_divide(tmp_path
     assert "| 3 | 8 | 1000 | 334-333 |" in vocab_parallel.markdown(
         dict(environment=dict(device="cpu", torch="", fastrdrop="", backend="", commit="",
                               date=""), repeats=1, rows=[row]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--vocab", "0"], "argument --vocab: must be >= 1, got 0"),
+    (["--tokens", "-1"], "argument --tokens: must be >= 1, got -1"),
+    (["--hidden", "0"], "argument --hidden: must be >= 1"),
+    (["--worlds", "0"], "argument --worlds: must be >= 1"),
+    (["--providers", "fastrdrop-linear"], "select no case"),
+    (["--modes", "fwd", "--providers", "fastrdrop-stacked-inplace"], "select no case"),
+    (["--worlds", "1", "--tokens", "8", "16"], "--worlds runs one size"),
+    (["--worlds", "1", "--dtypes", "bfloat16"], "it takes no --dtypes"),
+])
+def test_options_that_measure_nothing_or_not_what_they_say_are_refused(argv, message, capsys):
+    # before any results folder is made
+    with pytest.raises(SystemExit):
+        runner.parse_args([*argv, "--device", "cpu"])
+    assert message in capsys.readouterr().err
+
+
+def test_a_case_whose_process_fails_gets_a_row_with_its_error(capsys):
+    # the run goes on with the other cases, and main() fails at its end
+    case = Case(8, 64, "float32", "no-such-provider", "fwd")
+    (row,) = measure.measure_in_subprocess([case], torch.device("cpu"), repeats=2, warmup=1)
+    assert row["status"].startswith(f"{measure.FAILED}: KeyError: 'no-such-provider'"), row
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_the_commit_is_that_of_the_fastrdrop_measured(monkeypatch, tmp_path):
+    # not the benchmarks' tree: an editable or installed fastrdrop may be another one
+    monkeypatch.delenv("FASTRDROP_COMMIT", raising=False)
+    monkeypatch.setattr(measure.fastrdrop, "__file__", str(tmp_path / "fastrdrop/__init__.py"))
+    assert measure.environment(torch.device("cpu"))["commit"] == "unknown"
+    monkeypatch.setenv("FASTRDROP_COMMIT", "0123abc")
+    assert measure.environment(torch.device("cpu"))["commit"] == "0123abc"
