@@ -243,6 +243,11 @@ class LinearRDropFunction(torch.autograd.Function):
                                 "compute the logits and call rdrop_loss(..., backend='torch')")
         if ctx.deferred:
             hidden1, hidden2, weight, bias, target, row_weight = ctx.saved_tensors
+            if torch.compiler.is_compiling():
+                # not the forward's own tensors: a compiled graph would otherwise find the
+                # forward's matmuls in these (common subexpressions of its joint graph, which
+                # view and clone do not hide), and keep every chunk's logits for them
+                hidden1, hidden2 = hidden1 * 1, hidden2 * 1
             with torch.autocast(**ctx.autocast):
                 _, grads = _chunks(hidden1, hidden2, weight, bias, target,
                                    grad_loss * row_weight, ctx.options, ctx.needs_input_grad[:4])

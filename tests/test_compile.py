@@ -178,3 +178,35 @@ def test_compiled_inplace_second_backward(backend):
             loss.backward()
             grads.append(leaf.grad)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+@pytest.mark.parametrize("dtype, reduction", [(torch.float32, "none"), (torch.float16, "mean")])
+def test_compiled_linear_keeps_no_logits_for_its_backward(backend, dtype, reduction):
+    # reduction="none" and fp16 redo the chunks in the backward pass, with the upstream gradient.
+    # Compiled, the joint graph's common subexpressions made those matmuls the forward's, and the
+    # forward kept every chunk's logits for them: the [2N, V] that the fused linear loss avoids
+    torch._dynamo.reset()
+    n, h, v = 16, 8, 300
+    gen = torch.Generator().manual_seed(0)
+    hidden = torch.randn(2 * n, h, generator=gen).to(DEVICE, dtype)
+    weight = (torch.randn(v, h, generator=gen) / h ** 0.5).to(DEVICE, dtype).requires_grad_()
+    target = labels((n,), v)
+
+    def fn(x):
+        return fastrdrop.linear_rdrop_loss(*x.chunk(2), weight, target, backend=backend,
+                                           reduction=reduction, chunk_size=4).sum()
+
+    saved, grads = [], []
+    for f in (fn, torch.compile(fn, fullgraph=True)):
+        sizes = []
+        x = hidden.clone().requires_grad_()
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t, sizes=sizes: sizes.append(t.numel() * t.element_size()) or t,
+                lambda t: t):
+            loss = f(x)
+        grads.append(torch.autograd.grad(loss, (x, weight)))
+        saved.append(sum(sizes))
+    logits_bytes = 2 * n * v * hidden.element_size()
+    assert saved[1] <= saved[0] + logits_bytes // 8, (saved, logits_bytes)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
