@@ -136,7 +136,10 @@ def rows_aligned(*rows: Tensor) -> bool:
 
 
 def _device_guard(device: torch.device):
-    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    """``device`` as the current device: Triton launches on the current one (and its stream)."""
+    if device.type in ("cuda", "xpu"):
+        return getattr(torch, device.type).device(device)
+    return contextlib.nullcontext()
 
 
 def _labels(target: Optional[Tensor], like: Tensor) -> tuple[Tensor, int]:

@@ -273,3 +273,13 @@ def test_more_than_2_31_elements(inplace):
                            target=y[rows], reduction="none")
     for what, f, e, t in zip(("loss", "dz1", "dz2"), fused, eager, truth, strict=True):
         assert_oracle_rule(f, e, t, torch.bfloat16, what)
+
+
+@pytest.mark.parametrize("kind", ["cuda", "xpu"])
+def test_launches_go_to_the_tensors_device(kind):
+    # Triton launches on the current device: the launchers make the tensors' device current,
+    # on XPU as on CUDA (a tensor on another XPU than the current one went to the current one)
+    from fastrdrop import ops
+
+    guard = ops._device_guard(torch.device(kind, 1))
+    assert isinstance(guard, getattr(torch, kind).device) and guard.idx == 1
