@@ -189,9 +189,10 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
             weight.shape[0] == 0 and not vocab_parallel):
         raise ValueError(f"weight must have shape [V, H={hidden_size}] with V >= 1, got "
                          f"{list(weight.shape)}")
-    if weight.dtype != hidden.dtype or weight.device != hidden.device:
+    if not _matmul_dtypes(weight, hidden) or weight.device != hidden.device:
         raise TypeError(f"weight must have hidden1's dtype and device ({hidden.dtype}, "
-                        f"{hidden.device}), got {weight.dtype}, {weight.device}")
+                        f"{hidden.device}), or under torch.autocast any of {AUTOCAST_DTYPES}, "
+                        f"got {weight.dtype}, {weight.device}")
     if bias is not None:
         if not isinstance(bias, Tensor):
             raise TypeError(f"bias must be a torch.Tensor or None, got {type(bias).__name__}")
@@ -199,9 +200,22 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape [V={weight.shape[0]}], got "
                              f"{list(bias.shape)}")
-        if bias.dtype != hidden.dtype or bias.device != hidden.device:
+        if not _matmul_dtypes(bias, hidden) or bias.device != hidden.device:
             raise TypeError(f"bias must have hidden1's dtype and device ({hidden.dtype}, "
-                            f"{hidden.device}), got {bias.dtype}, {bias.device}")
+                            f"{hidden.device}), or under torch.autocast any of "
+                            f"{AUTOCAST_DTYPES}, got {bias.dtype}, {bias.device}")
+
+
+AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _matmul_dtypes(t: Tensor, hidden: Tensor) -> bool:
+    """t (the weight or bias) may meet hidden in the logits' matmul: their dtypes are the same,
+    or autocast casts both (an fp32 head beside bf16 hidden states, as mixed precision keeps it).
+    """
+    return t.dtype == hidden.dtype or (
+        _autocast_state(hidden.device)["enabled"]
+        and t.dtype in AUTOCAST_DTYPES and hidden.dtype in AUTOCAST_DTYPES)
 
 
 class LinearRDropFunction(torch.autograd.Function):

@@ -256,6 +256,49 @@ def test_fp16_gradients_see_the_loss_scale(backend, autocast):
         assert error[0] <= 1.5 * error[1], (name, error)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_a_float32_head_beside_16_bit_hidden_states_under_autocast(backend, reduction, dtype):
+    # mixed precision keeps the head's weight and bias in fp32 beside 16-bit hidden states:
+    # autocast casts both for the matmul, as it does in the composition (which this was refused
+    # against, naming weight). Each gradient in its input's dtype, as close to float64 as the
+    # composition's
+    n, h, v = 64, 32, 500
+    gen = torch.Generator().manual_seed(0)
+    h1 = torch.randn(n, h, generator=gen, dtype=torch.float64)
+    h2 = h1 + 0.1 * torch.randn(n, h, generator=gen, dtype=torch.float64)
+    w = 0.3 * torch.randn(v, h, generator=gen, dtype=torch.float64)
+    b = 0.1 * torch.randn(v, generator=gen, dtype=torch.float64)
+    target = labels((n,), v).to(DEVICE)
+    exact = [t.to(DEVICE).requires_grad_() for t in (h1, h2, w, b)]
+    truth = torch.autograd.grad(reference.rdrop_loss(
+        torch.addmm(exact[3], exact[0], exact[2].T), torch.addmm(exact[3], exact[1], exact[2].T),
+        target, alpha=0.7, reduction=reduction).sum(), exact)
+
+    def grads(fn):
+        leaves = [t.to(DEVICE, dtype if i < 2 else torch.float32).requires_grad_()
+                  for i, t in enumerate((h1, h2, w, b))]
+        with torch.autocast(DEVICE.type, dtype=dtype):
+            loss = fn(*leaves).sum()
+        return torch.autograd.grad(loss, leaves)
+
+    fused = grads(lambda a, c, weight, bias: fastrdrop.linear_rdrop_loss(
+        a, c, weight, target, bias, alpha=0.7, reduction=reduction, chunk_size=16,
+        backend=backend))
+    composed = grads(lambda a, c, weight, bias: fastrdrop.rdrop_loss(
+        torch.addmm(bias, a, weight.T), torch.addmm(bias, c, weight.T), target, alpha=0.7,
+        reduction=reduction, backend=backend))
+    for name, got, near, want in zip(("dh1", "dh2", "dW", "db"), fused, composed, truth,
+                                     strict=True):
+        assert got.dtype == near.dtype, name
+        error = [((g.double() - want).norm() / want.norm()).item() for g in (got, near)]
+        assert error[0] <= 1.5 * error[1], (name, error)
+    with pytest.raises(TypeError, match="weight must have hidden1's dtype"):  # no autocast
+        fastrdrop.linear_rdrop_loss(h1.to(DEVICE, dtype), h2.to(DEVICE, dtype),
+                                    w.to(DEVICE, torch.float32), target, backend=backend)
+
+
 def test_float64_stays_float64():
     # float64 hidden states (the torch backend) give a float64 loss, parts and gradients, as
     # rdrop_loss does for float64 logits: nothing is rounded to fp32 on the way
