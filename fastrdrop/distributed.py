@@ -59,7 +59,8 @@ def deepcopy_sharing(module, group, memo: dict):
     memo[id(group)] = group
     new = module.__class__.__new__(module.__class__)
     memo[id(module)] = new
-    new.__setstate__(copy.deepcopy(module.__dict__, memo))
+    # its state as nn.Module gives it (without a compiled call of the original's, from .compile())
+    new.__setstate__(copy.deepcopy(module.__getstate__(), memo))
     return new
 
 

@@ -2,6 +2,7 @@
 second-order gradients, labels of any integer width, empty and meta batches, fp8 logits, module
 keywords checked at construction, and exported modules' backward."""
 
+import copy
 import functools
 import math
 
@@ -155,10 +156,11 @@ def test_keywords_must_be_finite(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_softcap_is_a_normal_float32(backend):
-    # The kernels take it as a float32, where 1e-50 is 0 (no softcap) and 1e39 is inf.
+    # The kernels take it as a float32, where 1e-50 is 0 (no softcap) and 1e39 is inf; the
+    # native one multiplies by 1 / c, subnormal above 2^126 (0 where denormals are flushed).
     z1, z2 = logits_pair((4, 20), torch.float32)
     target = labels((4,), 20)
-    for value in (1e-50, 1e39):
+    for value in (1e-50, 1e39, 2.0 ** 126 * 1.01):
         with pytest.raises(ValueError, match="softcap must be None or > 0, a normal float32"):
             fastrdrop.rdrop_loss(z1, z2, target, softcap=value, backend=backend)
     # the smallest: every logit becomes +-1.2e-38, both distributions uniform
@@ -184,3 +186,16 @@ def test_negated_views_are_read_as_their_values(backend):
     if backend != "torch":
         with pytest.raises(ValueError, match="logits1 must not be a negated view"):
             fastrdrop.rdrop_loss(negated, z2 * 1, target, backend=backend, inplace_backward=True)
+
+
+def test_a_copy_of_a_compiled_loss_module_runs_its_own_settings():
+    # copy.deepcopy of the module forms shares a process group (which cannot be copied); the
+    # copy must not keep the compiled call of the original's (nn.Module's state leaves it out)
+    loss = fastrdrop.RDropLoss(alpha=1.0, backend="torch")
+    loss.compile(backend="eager")
+    twin = copy.deepcopy(loss)
+    twin.alpha = 0.0
+    z1, z2 = logits_pair((4, 20), torch.float32)
+    target = labels((4,), 20)
+    torch.testing.assert_close(twin(z1, z2, target),
+                               fastrdrop.rdrop_loss(z1, z2, target, alpha=0.0, backend="torch"))
