@@ -166,9 +166,10 @@ def check_options(*, alpha: float, ignore_index: int, reduction: str, label_smoo
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
     if softcap is not None:
         _check_real("softcap", softcap)
-        if not FLOAT32.tiny <= softcap <= FLOAT32.max:  # the kernels take it as a float32
-            raise ValueError(f"softcap must be None or > 0, a normal float32 "
-                             f"({FLOAT32.tiny:.4g} to {FLOAT32.max:.4g}), got {softcap}")
+        # the kernels take it, and the native one its reciprocal, as normal float32 numbers
+        if not FLOAT32.tiny <= softcap <= 2.0 ** 126:
+            raise ValueError(f"softcap must be None or > 0, a normal float32 whose reciprocal "
+                             f"is one too ({FLOAT32.tiny:.4g} to {2.0 ** 126:.4g}), got {softcap}")
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
