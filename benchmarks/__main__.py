@@ -112,7 +112,8 @@ def parse_args(argv=None):
                 or args.providers != DEFAULTS["providers"]
                 or args.modes not in (DEFAULTS["modes"], ["fwd+bwd"])):
             parser.error("--worlds times fwd+bwd of rdrop_loss on fp32 logits: it takes no "
-                         "--dtypes, --hidden, --providers or --modes")
+                         "--dtypes, --hidden, --providers or --modes (nor a preset that sets "
+                         "them)")
     elif not any(True for _ in case_groups(args, torch.device(args.device))):
         parser.error(
             f"--providers {' '.join(args.providers)} with --modes {' '.join(args.modes)} and "

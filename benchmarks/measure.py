@@ -281,11 +281,19 @@ def measure_in_subprocess(cases, device, repeats, warmup=2, first=True):
         return json.loads(done.stdout.strip().splitlines()[-1])
     # A row that says so, and the error on the console: the run goes on, and fails at its end
     print(done.stderr, file=sys.stderr)
-    lines = done.stderr.strip().splitlines()
-    why = lines[-1] if lines else f"exit status {done.returncode}"
+    why = _exception_line(done.stderr) or f"exit status {done.returncode}"
     if done.returncode < 0:  # a signal: SIGKILL where the OS ran out of memory
         why = f"killed by signal {-done.returncode}"
     return [dict(asdict(case), status=f"{FAILED}: {why}") for case in cases]
+
+
+def _exception_line(stderr: str) -> str:
+    """The "Type: message" line of the last traceback in stderr ("" where there is none): the
+    first line after its frames, which are indented (warnings printed later come after it)."""
+    lines = stderr.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    after = lines[starts[-1] + 1:] if starts else []
+    return next((line for line in after if line and not line[0].isspace()), "")
 
 
 def environment(device):
@@ -321,7 +329,9 @@ def _commit_of(root: Path) -> str:
         top = git("rev-parse", "--show-toplevel")
         if top.returncode or Path(top.stdout.strip()).resolve() != root:
             return "unknown"
-        commit = git("rev-parse", "--short=7", "HEAD").stdout.strip() or "unknown"
+        commit = git("rev-parse", "--short=7", "HEAD").stdout.strip()
+        if not commit:  # no commit yet
+            return "unknown"
         changed = git("diff", "--quiet", "HEAD", "--", ".", ":(exclude)benchmarks/results")
     except OSError:  # no git
         return "unknown"

@@ -63,7 +63,7 @@ def markdown(result):
         cells = [r["n_tokens"], r["vocab_size"], r.get("hidden_size") or "-", r["dtype"],
                  r["mode"], r["provider"]]
         if r["status"] != "ok":
-            cells += [r["status"], "", "", "", "", ""]
+            cells += [r["status"].replace("|", "\\|"), "", "", "", "", ""]  # a table cell
         else:
             base = eager.get(_key(r))
             cells += [f"{r['median_ms']:.2f}", f"{r['q20_ms']:.2f}-{r['q80_ms']:.2f}",

@@ -31,7 +31,8 @@ def _slice_sizes(vocab, world):
 
 def _rank(rank, world, port, n, vocab, repeats, out):
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // world))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    torch.set_num_threads(max(1, (cores or 1) // world))
     store = dist.TCPStore("127.0.0.1", port, world + 1, is_master=False,
                           timeout=datetime.timedelta(seconds=120))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world,

@@ -5,6 +5,7 @@ it from two halves. The options say which cases run."""
 
 import dataclasses
 import json
+import subprocess
 
 import pytest
 import torch
@@ -244,7 +245,25 @@ def test_a_case_whose_process_fails_gets_a_row_with_its_error(capsys):
 def test_the_commit_is_that_of_the_fastrdrop_measured(monkeypatch, tmp_path):
     # not the benchmarks' tree: an editable or installed fastrdrop may be another one
     monkeypatch.delenv("FASTRDROP_COMMIT", raising=False)
-    monkeypatch.setattr(measure.fastrdrop, "__file__", str(tmp_path / "fastrdrop/__init__.py"))
-    assert measure.environment(torch.device("cpu"))["commit"] == "unknown"
+    package = tmp_path / "fastrdrop" / "__init__.py"
+    package.parent.mkdir()
+    package.write_text("")
+    monkeypatch.setattr(measure.fastrdrop, "__file__", str(package))
+
+    def commit():
+        return measure.environment(torch.device("cpu"))["commit"]
+
+    def git(*args):
+        return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+                              cwd=tmp_path, capture_output=True, text=True, check=True).stdout
+
+    assert commit() == "unknown"  # not a checkout
+    git("init", "-q")
+    assert commit() == "unknown"  # no commit yet
+    git("add", ".")
+    git("commit", "-q", "-m", "one")
+    assert commit() == git("rev-parse", "--short=7", "HEAD").strip()
+    package.write_text("x = 1\n")
+    assert commit() == git("rev-parse", "--short=7", "HEAD").strip() + "-dirty"
     monkeypatch.setenv("FASTRDROP_COMMIT", "0123abc")
-    assert measure.environment(torch.device("cpu"))["commit"] == "0123abc"
+    assert commit() == "0123abc"
