@@ -240,6 +240,7 @@ class _GatheredVocab(torch.autograd.Function):
         return grad[..., start:start + width], None
 
 
+@torch.compiler.disable  # run eagerly in a compiled graph: Dynamo failed on its 0-d gathers
 def gather_vocab(local: Tensor, group) -> Tensor:
     """The logits of the whole vocabulary on every rank, differentiable (the reference's way: it
     materialises [..., V] and is written to be read, not to be fast)."""

@@ -304,6 +304,29 @@ def test_a_vocabulary_empty_on_every_rank_raises(backend):
     run_ranks(_empty_vocabulary_body, 2, backend)
 
 
+def _reference_compiled_body(rank, world):
+    whole = 3 * torch.randn(2 * N, 7, generator=torch.Generator().manual_seed(5))
+    z = whole[:, :3] if rank == 0 else whole[:, 3:]
+    target = torch.randint(0, 7, (N,), generator=torch.Generator().manual_seed(1))
+
+    def loss(x):
+        return fastrdrop.stacked_rdrop_loss(x, target, alpha=0.7, backend="torch",
+                                            vocab_parallel_group=dist.group.WORLD)
+
+    results = []
+    for fn in (loss, torch.compile(loss, backend="eager")):
+        leaf = z.clone().requires_grad_()
+        value = fn(leaf)
+        results.append((value.detach(), *torch.autograd.grad(value, leaf)))
+    torch.testing.assert_close(results[1], results[0])
+
+
+def test_the_reference_compiles_with_a_split_vocabulary():
+    """Its gather of the whole vocabulary runs eagerly in a compiled graph (a graph break, so
+    not with fullgraph=True): Dynamo failed on its gathers of 0-d sizes."""
+    run_ranks(_reference_compiled_body, 2)
+
+
 def _empty_shard_body(rank, world):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
