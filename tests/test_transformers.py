@@ -464,6 +464,32 @@ def test_head_check_of_a_model_trained_in_bf16_by_accelerate():
     assert _head_fused[model] is True
 
 
+def test_an_fp32_head_of_a_bf16_model_under_autocast_is_fused():
+    # mixed precision may keep the head in fp32 beside a bf16 model; under autocast the fused
+    # path takes it (it fell back to the model's logits, with a warning, for the dtypes alone)
+    model = tiny_llama().to(torch.bfloat16)
+    model.lm_head.float()
+    input_ids, attention_mask, labels = batch()
+    results = []
+    for fused in (True, False):
+        _head_fused[model] = fused
+        torch.manual_seed(1)  # the same dropout masks on both paths
+        with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+            warnings.simplefilter("error", HeadNotFusedWarning)
+            parts = rdrop_causal_lm_loss(model, input_ids, attention_mask, labels, alpha=0.7)
+        parts.loss.backward()
+        results.append((parts.loss.detach(), model.lm_head.weight.grad.clone()))
+        model.zero_grad()
+    del _head_fused[model]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rdrop_causal_lm_loss(model, input_ids, attention_mask, labels)
+    assert _head_fused[model] is True
+    (loss, grad), (want_loss, want_grad) = results
+    assert grad.dtype == torch.float32
+    torch.testing.assert_close(loss, want_loss, rtol=2e-2, atol=0)
+    torch.testing.assert_close(grad, want_grad, rtol=5e-2, atol=5e-3)
+
+
 @no_dropout_on_purpose
 def test_trainer_under_data_parallel_without_averaged_tokens(tmp_path, monkeypatch):
     # One process on n_gpu GPUs (DataParallel) without average_tokens_across_devices: the Trainer
