@@ -189,7 +189,7 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
             weight.shape[0] == 0 and not vocab_parallel):
         raise ValueError(f"weight must have shape [V, H={hidden_size}] with V >= 1, got "
                          f"{list(weight.shape)}")
-    if not _matmul_dtypes(weight, hidden) or weight.device != hidden.device:
+    if not matmul_dtypes_meet(weight, hidden) or weight.device != hidden.device:
         raise TypeError(f"weight must have hidden1's dtype and device ({hidden.dtype}, "
                         f"{hidden.device}), or under torch.autocast any of {AUTOCAST_DTYPES}, "
                         f"got {weight.dtype}, {weight.device}")
@@ -200,7 +200,7 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
         if bias.shape != weight.shape[:1]:
             raise ValueError(f"bias must have shape [V={weight.shape[0]}], got "
                              f"{list(bias.shape)}")
-        if not _matmul_dtypes(bias, hidden) or bias.device != hidden.device:
+        if not matmul_dtypes_meet(bias, hidden) or bias.device != hidden.device:
             raise TypeError(f"bias must have hidden1's dtype and device ({hidden.dtype}, "
                             f"{hidden.device}), or under torch.autocast any of "
                             f"{AUTOCAST_DTYPES}, got {bias.dtype}, {bias.device}")
@@ -209,7 +209,7 @@ def _check_weight(weight: Tensor, bias: Optional[Tensor], hidden: Tensor,
 AUTOCAST_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _matmul_dtypes(t: Tensor, hidden: Tensor) -> bool:
+def matmul_dtypes_meet(t: Tensor, hidden: Tensor) -> bool:
     """t (the weight or bias) may meet hidden in the logits' matmul: their dtypes are the same,
     or autocast casts both (an fp32 head beside bf16 hidden states, as mixed precision keeps it).
     """

@@ -20,7 +20,7 @@ from transformers import Trainer
 
 from .._common import RDropParts, warn
 from ..distributed import is_dtensor
-from ..linear import _matmul_dtypes, linear_rdrop_loss
+from ..linear import linear_rdrop_loss, matmul_dtypes_meet
 from ..loss import stacked_rdrop_loss
 
 __all__ = ["HeadNotFusedWarning", "NoDropoutWarning", "RDropTrainer", "RDropTrainerMixin",
@@ -318,7 +318,7 @@ def _logits_of_head(logits: Tensor, hidden: Tensor, head: nn.Linear,
     where both are all 0 (a head initialised to 0). Reads three numbers back to the host (on a
     model's first calls)."""
     # an fp32 head beside 16-bit hidden states under autocast: linear_rdrop_loss takes it too
-    if logits.shape[-1] != head.out_features or not _matmul_dtypes(head.weight, hidden):
+    if logits.shape[-1] != head.out_features or not matmul_dtypes_meet(head.weight, hidden):
         return False
     with torch.no_grad():
         plain = F.linear(hidden.to(head.weight.device), head.weight, head.bias).float()
