@@ -346,8 +346,9 @@ def vocab_parallel_rows(logits1, logits2, target, group, ignore_index, label_smo
         read = labels is not None and labels_checked(labels, backend)
         if torch.compiler.is_compiling() or not (read or total.device.type == "cpu"):
             return
-        distributed.check_whole_vocabulary(int(total))
-        check_target_values(labels, int(total), ignore_index, backend)
+        total = int(total)
+        distributed.check_whole_vocabulary(total)
+        check_target_values(labels, total, ignore_index, backend)
 
     return distributed.vocab_parallel_rows(
         *halves(logits1, logits2), target, group, ignore_index=ignore_index,
