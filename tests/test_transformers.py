@@ -369,6 +369,8 @@ def test_a_loss_keyword_that_would_go_to_the_model_is_refused(keywords, error):
     (dict(label_smothing=0.3), TypeError),
     (dict(reduction="sum"), TypeError),
     (dict(alpha=2.0), ValueError),
+    # the Trainer's num_items_in_batch counts the labels that are not -100
+    (dict(ignore_index=-1), ValueError),
 ])
 def test_trainer_refuses_rdrop_kwargs_it_would_not_use(tmp_path, rdrop_kwargs, error):
     with pytest.raises(error, match="rdrop_kwargs"):

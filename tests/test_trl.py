@@ -168,6 +168,19 @@ def test_loss_types_other_than_nll_are_refused(tmp_path):
         trainer(tmp_path, "padding", options=dict(loss_type="dft"))
 
 
+def test_a_refused_trainer_leaves_the_model_as_it_was(tmp_path):
+    # refused before SFTTrainer is built, which would wrap the model in PEFT adapters in place
+    peft = pytest.importorskip("peft")
+    tok = tokenizer()
+    model = tiny_llama(tok)
+    args = trl.SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, loss_type="dft",
+                         **no_checkpointing())
+    with pytest.raises(ValueError, match="loss_type must be 'nll'"):
+        RDropSFTTrainer(model=model, args=args, train_dataset=text_data(), processing_class=tok,
+                        peft_config=peft.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert not any("lora" in name for name, _ in model.named_modules())
+
+
 def test_gradient_accumulation(tmp_path):
     # 2 micro-batches of 2 and 1 batch of 4 give the same update: the loss is normalised by the
     # label tokens of the whole step (num_items_in_batch), not per micro-batch

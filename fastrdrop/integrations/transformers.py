@@ -495,18 +495,26 @@ class RDropTrainerMixin:
 
     def __init__(self, *args, rdrop_alpha: float = 1.0, rdrop_kwargs: Optional[dict] = None,
                  **kwargs):
-        super().__init__(*args, **kwargs)
-        if getattr(self, "compute_loss_func", None) is not None:
-            raise ValueError("compute_loss_func must be None: the R-Drop trainers' training loss "
-                             "is rdrop_causal_lm_loss, which would silently take its place")
-        self.rdrop_alpha = rdrop_alpha
-        self.rdrop_kwargs = dict(rdrop_kwargs or {})
-        if "alpha" in self.rdrop_kwargs:
+        # checked before the base class is built, which changes the model (moves it, wraps it
+        # in PEFT adapters): a refused trainer leaves it as it was
+        rdrop_kwargs = dict(rdrop_kwargs or {})
+        if "alpha" in rdrop_kwargs:
             raise ValueError("rdrop_kwargs must not hold alpha: the KL weight is rdrop_alpha=")
-        unknown = sorted(set(self.rdrop_kwargs) - set(TRAINER_LOSS_KEYWORDS))
+        unknown = sorted(set(rdrop_kwargs) - set(TRAINER_LOSS_KEYWORDS))
         if unknown:
             raise TypeError(f"rdrop_kwargs takes {', '.join(TRAINER_LOSS_KEYWORDS)}, got "
                             f"{', '.join(unknown)}")
+        if rdrop_kwargs.get("ignore_index", -100) != -100:
+            raise ValueError(
+                "rdrop_kwargs' ignore_index must be -100: the loss is divided by the Trainer's "
+                "count of label tokens (num_items_in_batch), which counts the labels that are "
+                f"not -100; got {rdrop_kwargs['ignore_index']!r}")
+        if kwargs.get("compute_loss_func") is not None:
+            raise ValueError("compute_loss_func must be None: the R-Drop trainers' training loss "
+                             "is rdrop_causal_lm_loss, which would silently take its place")
+        super().__init__(*args, **kwargs)
+        self.rdrop_alpha = rdrop_alpha
+        self.rdrop_kwargs = rdrop_kwargs
         self.model_accepts_loss_kwargs = True  # so that the Trainer counts num_items_in_batch
         self._rdrop_sums = {"ce": 0.0, "kl": 0.0}
         self._rdrop_logged_step = None  # the step of the last log, or where training started

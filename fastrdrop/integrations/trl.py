@@ -35,12 +35,15 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
     """
 
     def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        loss_type = getattr(self.args, "loss_type", "nll")
+        # before SFTTrainer is built, which wraps the model in PEFT adapters: a refused trainer
+        # leaves it as it was (without args SFTTrainer's default config trains with "nll")
+        config = kwargs.get("args", args[1] if len(args) > 1 else None)
+        loss_type = getattr(config, "loss_type", "nll")
         if loss_type != "nll":
             raise ValueError(
                 f"RDropSFTTrainer trains with cross entropy plus the symmetric KL, so "
                 f"SFTConfig's loss_type must be 'nll', got {loss_type!r}")
+        super().__init__(*args, **kwargs)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self.aux_loss_enabled:
