@@ -180,7 +180,8 @@ def _check_real(name: str, value: object) -> None:
     # a compiled graph cannot trace
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.SymInt,
                                                           torch.SymFloat)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
+        raise TypeError(f"{name} must be a real number given as a Python int or float, got "
+                        f"{value!r} of type {type(value).__name__}")
     if not (value == value and abs(value) != math.inf):
         raise ValueError(f"{name} must be finite, got {value}")
 

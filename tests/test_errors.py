@@ -1,5 +1,6 @@
 """Bad input: the exception type, the argument named in the message, the inputs unchanged."""
 
+import fractions
 import os
 import subprocess
 import sys
@@ -48,6 +49,9 @@ BAD_INPUTS = [
     ("unknown reduction", lambda a: a.update(reduction="avg"), ValueError, "reduction"),
     ("negative alpha", lambda a: a.update(alpha=-0.1), ValueError, "alpha must be >= 0"),
     ("alpha not a number", lambda a: a.update(alpha="1"), TypeError, "alpha"),
+    # a real number of another type (as numpy's scalars are): the message says what is taken
+    ("alpha a Fraction", lambda a: a.update(alpha=fractions.Fraction(1, 2)), TypeError,
+     "alpha must be a real number given as a Python int or float, got Fraction(1, 2)"),
     ("smoothing of 1", lambda a: a.update(label_smoothing=1.0), ValueError, "label_smoothing"),
     ("negative smoothing", lambda a: a.update(label_smoothing=-0.1), ValueError,
      "label_smoothing"),
