@@ -317,8 +317,11 @@ def _chunks(hidden1, hidden2, weight, bias, target, row_weight, options, needs):
         if with_grads and needs[3] else None
     for start in range(0, n_rows, chunk_size):
         rows = slice(start, start + chunk_size)
-        h = torch.cat([hidden1[rows], hidden2[rows]])
-        c = h.shape[0] // 2
+        # both passes' rows in one buffer, copied, not concatenated: torch.cat under autocast
+        # refuses 16-bit inputs of the other 16-bit dtype (bf16 hidden states, fp16 autocast)
+        c = len(hidden1[rows])
+        h = hidden1.new_empty((2 * c, hidden1.shape[1]))
+        h[:c], h[c:] = hidden1[rows], hidden2[rows]
         z = torch.mm(h, weight.t()) if bias is None else torch.addmm(bias, h, weight.t())
         labels = None if target is None else target[rows]
         if not with_grads:

@@ -258,12 +258,17 @@ def test_fp16_gradients_see_the_loss_scale(backend, autocast):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-def test_a_float32_head_beside_16_bit_hidden_states_under_autocast(backend, reduction, dtype):
+@pytest.mark.parametrize("dtype, cast", [(torch.bfloat16, torch.bfloat16),
+                                         (torch.float16, torch.float16),
+                                         (torch.bfloat16, torch.float16),
+                                         (torch.float16, torch.bfloat16)], ids=str)
+def test_a_float32_head_beside_16_bit_hidden_states_under_autocast(backend, reduction, dtype,
+                                                                   cast):
     # mixed precision keeps the head's weight and bias in fp32 beside 16-bit hidden states:
     # autocast casts both for the matmul, as it does in the composition (which this was refused
-    # against, naming weight). Each gradient in its input's dtype, as close to float64 as the
-    # composition's
+    # against, naming weight), also to the other 16-bit dtype (a bf16 model under CUDA's default
+    # fp16 autocast: torch.cat of the passes' rows had refused it). Each gradient in its input's
+    # dtype, as close to float64 as the composition's
     n, h, v = 64, 32, 500
     gen = torch.Generator().manual_seed(0)
     h1 = torch.randn(n, h, generator=gen, dtype=torch.float64)
@@ -279,7 +284,7 @@ def test_a_float32_head_beside_16_bit_hidden_states_under_autocast(backend, redu
     def grads(fn):
         leaves = [t.to(DEVICE, dtype if i < 2 else torch.float32).requires_grad_()
                   for i, t in enumerate((h1, h2, w, b))]
-        with torch.autocast(DEVICE.type, dtype=dtype):
+        with torch.autocast(DEVICE.type, dtype=cast):
             loss = fn(*leaves).sum()
         return torch.autograd.grad(loss, leaves)
 
