@@ -486,10 +486,10 @@ class RDropTrainerMixin:
 
     Args:
         rdrop_alpha: the weight of the symmetric KL term.
-        rdrop_kwargs: ``ignore_index``, ``label_smoothing`` or ``chunk_size`` for
-            :func:`rdrop_causal_lm_loss` (any other name raises when the trainer is built).
-            ``label_smoothing`` is ``TrainingArguments.label_smoothing_factor`` unless given
-            here.
+        rdrop_kwargs: ``ignore_index`` (-100, the label the Trainer counts tokens by),
+            ``label_smoothing`` or ``chunk_size`` for :func:`rdrop_causal_lm_loss` (any other
+            name or value raises when the trainer is built). ``label_smoothing`` is
+            ``TrainingArguments.label_smoothing_factor`` unless given here.
         All other arguments are the base class's.
     """
 

@@ -21,9 +21,9 @@ class RDropSFTTrainer(RDropTrainerMixin, SFTTrainer):
 
     Args:
         rdrop_alpha: the weight of the symmetric KL term.
-        rdrop_kwargs: ``ignore_index``, ``label_smoothing`` or ``chunk_size`` for
-            :func:`fastrdrop.integrations.transformers.rdrop_causal_lm_loss` (any other name
-            raises when the trainer is built).
+        rdrop_kwargs: ``ignore_index`` (-100 only), ``label_smoothing`` or ``chunk_size`` for
+            :func:`fastrdrop.integrations.transformers.rdrop_causal_lm_loss` (any other name or
+            value raises when the trainer is built).
         All other arguments are ``SFTTrainer``'s.
 
     It normalises by the label tokens of all gradient-accumulation micro-batches, logs ``ce``
