@@ -25,6 +25,7 @@ from ._common import (
     check_target,
     int64_labels,
     reduce_rows,
+    refuse_functorch,
     row_weights,
     token_loss,
 )
@@ -86,6 +87,9 @@ def linear_rdrop_loss(
     _check_chunk_size(chunk_size)
     distributed.check_group(vocab_parallel_group)
     backend = resolve_backend(backend, hidden1, "hidden1")
+    refuse_functorch("linear_rdrop_loss", "compute the logits and call rdrop_loss(..., "
+                     "backend='torch')", hidden1=hidden1, hidden2=hidden2, weight=weight,
+                     bias=bias, target=target)
     target = int64_labels(target)
 
     batch_shape = hidden1.shape[:-1]

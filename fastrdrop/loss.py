@@ -17,6 +17,7 @@ from ._common import (
     check_stacked_args,
     int64_labels,
     reduce_rows,
+    refuse_functorch,
     row_weights,
     stacked_batch_shape,
     token_loss,
@@ -143,6 +144,9 @@ def _fused(logits1, logits2, target, *, alpha, ignore_index, reduction, label_sm
     group: the vocabulary is split across its ranks."""
     name1 = "logits1" if logits2 is not None else "logits"
     backend = resolve_backend(backend, logits1, name1)
+    if backend != "torch":
+        refuse_functorch("the fused kernels", "backend='torch' (the PyTorch reference) runs "
+                         "under them", **{name1: logits1, "logits2": logits2, "target": target})
     target = int64_labels(target)
     if backend == "torch":
         return reference.rdrop_loss(

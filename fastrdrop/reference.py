@@ -144,20 +144,35 @@ def _cross_entropy(
 
 class _NaNGradientRows(torch.autograd.Function):
     """``x`` [N] as it is, whose backward pass also gives both logits [..., V] NaN gradient rows
-    where ``row_loss`` [N] is not finite (a loss of NaN or inf has no gradient), 0 elsewhere."""
+    where ``row_loss`` [N] is not finite (a loss of NaN or inf has no gradient), 0 elsewhere.
+    Written for torch.func's transforms too (setup_context, out-of-place ops, a generated vmap
+    rule, a jvp), so that the reference runs under torch.func.grad, vmap, jacrev and jvp."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, row_loss, logits1, logits2):
-        ctx.not_finite = ~torch.isfinite(row_loss)
-        ctx.like = (logits1.shape, logits1.dtype), (logits2.shape, logits2.dtype)
+    def forward(x, row_loss, logits1, logits2):
         return x.clone()
 
     @staticmethod
+    def setup_context(ctx, inputs, output):
+        _, row_loss, logits1, logits2 = inputs
+        ctx.save_for_backward(row_loss)
+        ctx.like = (logits1.shape, logits1.dtype), (logits2.shape, logits2.dtype)
+
+    @staticmethod
     def backward(ctx, grad):
+        (row_loss,) = ctx.saved_tensors
+        not_finite = ~torch.isfinite(row_loss)
         rows = []
         for (shape, dtype), needed in zip(ctx.like, ctx.needs_input_grad[2:], strict=True):
-            row = torch.zeros(shape, dtype=dtype, device=grad.device) if needed else None
-            if row is not None:
-                row.view(-1, shape[-1]).masked_fill_(ctx.not_finite[:, None], float("nan"))
-            rows.append(row)
+            if needed:
+                zeros = torch.zeros(shape, dtype=dtype, device=grad.device).view(-1, shape[-1])
+                rows.append(zeros.masked_fill(not_finite[:, None], float("nan")).view(shape))
+            else:
+                rows.append(None)
         return grad, None, *rows
+
+    @staticmethod
+    def jvp(ctx, x_tangent, *_):  # forward mode: the tangent of x, as it is
+        return x_tangent

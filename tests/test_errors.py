@@ -172,3 +172,24 @@ def test_labels_without_memory_of_their_own_are_checked_by_torch_ops():
     assert torch.equal(torch.func.functionalize(check)(good), good)
     with pytest.raises(ValueError, match=r"e\.g\. 300$"):
         torch.func.functionalize(check)(torch.tensor([1, 300, -100]))
+
+
+@pytest.mark.parametrize("backend", fused_backends())
+def test_torch_func_transforms_are_refused_by_the_fused_paths(backend):
+    # the fused autograd Functions have no torch.func rules: the tensor and the way out are named
+    # (the reference runs under them, tests/test_reference.py)
+    z1, z2 = logits_pair((3, 11), torch.float32)
+    target = labels((3,), 11)
+    calls = {
+        "logits1": lambda a: fastrdrop.rdrop_loss(a, z2, target, backend=backend),
+        "logits": lambda a: fastrdrop.stacked_rdrop_loss(torch.cat([a, z2]), target,
+                                                         backend=backend),
+    }
+    for name, call in calls.items():
+        for transform in (torch.func.grad, lambda f: torch.func.vmap(f, in_dims=1)):
+            with pytest.raises(ValueError, match=f"{name} is traced by a torch.func transform.*"
+                                                 "backend='torch'"):
+                transform(call)(z1 if transform is torch.func.grad else z1[:, None])
+    with pytest.raises(ValueError, match="hidden1 is traced by a torch.func transform"):
+        torch.func.grad(lambda h: fastrdrop.linear_rdrop_loss(
+            h, z2, torch.randn(7, 11), target, backend=backend))(z1)

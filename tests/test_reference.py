@@ -72,3 +72,34 @@ def test_kl_div_reduction_mapping(kl_div_reduction, ours, scale):
     sym = 0.5 * (F.kl_div(logq, logp, log_target=True, reduction=kl_div_reduction)
                  + F.kl_div(logp, logq, log_target=True, reduction=kl_div_reduction))
     torch.testing.assert_close(reference.rdrop_loss(z1, z2, reduction=ours, alpha=scale), sym)
+
+
+@pytest.mark.filterwarnings("ignore:There is a performance drop")  # torch's vmap of kl_div
+def test_reference_runs_under_torch_func():
+    # per-sample gradients, Jacobians and forward mode of the reference, torch.func's transforms,
+    # against autograd's results; a row with a NaN logit keeps its NaN gradient row
+    z1, z2 = logits_pair((4, 3, 33), torch.float64)
+    z1[1, 2, 5] = float("nan")
+    target = labels((4, 3), 33)
+    kwargs = dict(alpha=0.7, label_smoothing=0.1)
+
+    def loss(a, b, y):
+        return reference.rdrop_loss(a, b, y, **kwargs)
+
+    def autograd_grad(a, b, y):
+        a = a.clone().requires_grad_()
+        return torch.autograd.grad(loss(a, b, y), a)[0]
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(z1, z2, target)
+    want = torch.stack([autograd_grad(*sample) for sample in zip(z1, z2, target, strict=True)])
+    torch.testing.assert_close(per_sample, want, equal_nan=True)
+    assert per_sample[1, 2].isnan().all() and not per_sample[0].isnan().any()
+
+    a, b, y = z1[0], z2[0], target[0]
+    jacobian = torch.func.jacrev(lambda x: reference.rdrop_loss(x, b, y, reduction="none"))(a)
+    rows = [torch.autograd.grad(reference.rdrop_loss(x, b, y, reduction="none")[i], x)[0]
+            for i, x in enumerate([a.clone().requires_grad_() for _ in range(len(a))])]
+    torch.testing.assert_close(jacobian, torch.stack(rows))
+    tangent = torch.randn_like(a)
+    _, directional = torch.func.jvp(lambda x: loss(x, b, y), (a,), (tangent,))
+    torch.testing.assert_close(directional, (autograd_grad(a, b, y) * tangent).sum())
