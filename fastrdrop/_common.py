@@ -129,15 +129,15 @@ def check_target(target: Optional[Tensor], shape: torch.Size, device: torch.devi
 
 
 def refuse_functorch(what: str, remedy: str, **tensors: Optional[Tensor]) -> None:
-    """torch.func's transforms (grad, vmap, jacrev, jvp) wrap the tensors they trace, which the
-    fused autograd Functions have no rules for: refused, naming the tensor and the way out,
-    instead of torch's own message about setup_context."""
+    """torch.func's transforms (grad, vmap, jacrev, jvp, functionalize) wrap the tensors they
+    trace, which the fused autograd Functions have no rules for: refused, naming the tensor and
+    the way out, instead of torch's own message about setup_context."""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():
         if t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t):
             raise ValueError(f"{name} is traced by a torch.func transform (grad, vmap, jacrev, "
-                             f"jvp), under which {what} cannot run; {remedy}")
+                             f"jvp, functionalize), under which {what} cannot run; {remedy}")
 
 
 def int64_labels(target: Optional[Tensor]) -> Optional[Tensor]:
@@ -229,11 +229,14 @@ def check_target_values(target: Optional[Tensor], vocab_size: int, ignore_index:
                         backend: str) -> None:
     """Labels must lie in [0, V) or equal ignore_index: a ValueError where labels_checked says so.
     Skipped while torch.compile traces (a data-dependent branch); the fused ops run it inside
-    their custom op, which executes eagerly even in a compiled graph. Skipped for labels that a
-    torch.func transform traces (vmap over them, with the reference): there the reference's
-    rows of labels outside [0, V) are NaN, as where labels are not checked."""
+    their custom op, which executes eagerly even in a compiled graph. Skipped for labels that
+    torch.func's grad, vmap or jvp trace (the reference runs under them; under vmap a value
+    cannot decide a branch): there the reference's rows of labels outside [0, V) are NaN, as
+    where labels are unchecked. (functionalize's labels are checked by torch ops.)"""
+    functorch = torch._C._functorch
     if (target is None or target.numel() == 0 or torch.compiler.is_compiling()
-            or torch._C._functorch.is_functorch_wrapped_tensor(target)
+            or (functorch.is_functorch_wrapped_tensor(target)
+                and not functorch.is_functionaltensor(target))
             or not labels_checked(target, backend)):
         return
     at = _native.first_bad_label(target, vocab_size, ignore_index)
