@@ -299,8 +299,9 @@ template <int kDegree>
 // The conversions give the same bits as Fmt::load / Fmt::store (but for bf16 results below
 // 2^-126 with AVX512-BF16, see Words<BF16>); sums differ in the order of their additions. exp
 // looks 2^(j / 32) up in a table held in registers, which the generic loops would have to
-// gather, so it and vexp differ by up to their errors (for fp32 rows 2.1e-7, vexp's; for 16-bit
-// ones 6.0e-5, exp's), and below e^-87, where exp keeps subnormals.
+// gather, so it and vexp differ by up to their errors (2.1e-7 for fp32 rows, 5.4e-6 for 16-bit
+// ones; 6.5e-5 where the statistics pass of 16-bit rows in place takes exp of degree 1), and below
+// e^-87, where exp keeps subnormals.
 namespace avx512 {
 
 using Vec = __m512;
@@ -333,17 +334,15 @@ inline void put(void* p, Mask m, __m512i w, bool stream) {
 // so that |r| <= ln2 / 64. 2^(j / 32) comes from a table of 32 floats in two registers, 2^i from
 // vscalefps, which also gives inf past the float range (for x = +inf too) and 0 below it: from
 // x = -103.97 the result rounds to 0, and x is clamped at -105, so exp(-inf) = 0. exp(r) is a
-// polynomial of degree kDegree, exact at r = 0 (so is exp(x) at x = 0, at a row's reference):
-// - 2, for fp32 rows: 1 + r (c1 + c2 r), fitted for relative error on |r| <= ln2 / 64, within
-//   5.3e-8 of exp(r); exp(x) within 2.2e-7 for x in [-20, 0] and 4.1e-7 down to the smallest
-//   normal float, with 9 instructions against vexp's 12 (degree 4) and 13 (degree 5).
-// - 1, for 16-bit rows: 1 + r, within 6.0e-5 (r^2 / 2 at most), 8 times finer than fp16's
-//   rounding of a logit of magnitude 1 (bf16's: 66 times), with 7 instructions. Its
-//   exponentials are most of a 16-bit statistics pass, and Zen 4 issues one 512-bit FMA-class
-//   instruction a cycle: 2 fewer each took the pass from 0.355 to 0.303 ns an element pair for
-//   bf16 rows, from 0.469 to 0.416 for fp16 (one thread, 64 x 32000, builds alternating).
-// Zen 5 issues about 2.5 vector instructions a cycle in these loops whatever they are: there too
-// the count is the cost.
+// polynomial of degree kDegree, exact at r = 0:
+// - 2: 1 + r (c1 + c2 r), fitted for relative error on |r| <= ln2 / 64, within 5.3e-8 of exp(r);
+//   exp(x) within 2.2e-7 for x in [-20, 0] and 4.1e-7 down to the smallest normal float, with 9
+//   instructions against vexp's 12 (degree 4) and 13 (degree 5).
+// - 1: 1 + r, within 6.0e-5 (r^2 / 2 + |r|^3 / 3 at most), with 7 instructions. Only where
+//   nothing needs exp's own accuracy: the statistics pass of 16-bit rows whose gradients go into
+//   the logits (in place) from the exponentials it keeps (see SumsAvx512).
+// Zen 5 issues about 2.5 vector instructions a cycle in these loops whatever they are, so the
+// count is the cost; Zen 4 one 512-bit FMA-class instruction a cycle.
 struct Exp2Table {
   Vec lo, hi;  // 2^(j / 32), j = 0..15 and 16..31
 };
@@ -378,10 +377,6 @@ inline Vec exp(Vec x, const Exp2Table& table) {
   }
   return _mm512_scalef_ps(e, n);  // times 2^floor(n) = 2^i
 }
-
-// The degree of exp's polynomial for rows of Fmt
-template <typename Fmt>
-constexpr int kTableDegree = std::is_same_v<Fmt, F32> ? 2 : 1;
 
 // Words k, ..., k + 15 of a row (those in mask m) as Fmt::kLanes vectors of fp32, vector l holding
 // lane l of each word; and back.
@@ -608,10 +603,20 @@ inline BlockSums block_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t wo
 
 #if FASTRDROP_AVX512
 // block_sums without kSoftcap or kGuard, all lanes at once: the sums of a block, and with kCache
-// its exponentials lane by lane into e1, e2.
-template <typename Fmt, bool kSmoothing, bool kCache>
+// its exponentials lane by lane into e1, e2. kCoarse: the row's gradients go into the logits (in
+// place), from these exponentials alone, and nothing computes its probabilities again from the
+// stats: p = e / sum e then holds whatever exp's error is, the gradient is that of logits moved
+// by at most that error, and 16-bit rows take exp of degree 1 (6.0e-5, where bf16 rounds a logit
+// of magnitude 1 by 3.9e-3): 2 instructions fewer per exponential took the pass from 0.355 to
+// 0.303 ns an element pair in bf16 (Zen 4, one thread, 64 x 32000, builds alternating). The loss
+// value takes that error too (a cross entropy below float64's by up to 6.0e-5). Elsewhere a
+// later pass (the backward pass's, for an upstream gradient other than 1) computes p again with
+// exp of degree 2 from these stats, whose log s must agree with it: for a label of probability
+// near 1, p_y - 1 is as small as the disagreement.
+template <typename Fmt, bool kSmoothing, bool kCache, bool kCoarse>
 struct SumsAvx512 {
   static constexpr int L = Fmt::kLanes;
+  static constexpr int kDegree = kCoarse && L == 2 ? 1 : 2;
   const Elem<Fmt>* z1;
   const Elem<Fmt>* z2;
   int64_t words;
@@ -634,7 +639,7 @@ struct SumsAvx512 {
     for (int l = 0; l < L; ++l) {
       const Vec x1 = _mm512_sub_ps(a[l], shift1), x2 = _mm512_sub_ps(b[l], shift2);
       const Vec d = _mm512_sub_ps(a[l], b[l]);
-      const Vec p = exp<kTableDegree<Fmt>>(x1, table), q = exp<kTableDegree<Fmt>>(x2, table);
+      const Vec p = exp<kDegree>(x1, table), q = exp<kDegree>(x2, table);
       if constexpr (kCache) {
         _mm512_mask_storeu_ps(e1 + l * words + k, m, p);
         _mm512_mask_storeu_ps(e2 + l * words + k, m, q);
@@ -651,13 +656,13 @@ struct SumsAvx512 {
   }
 };
 
-template <typename Fmt, bool kSmoothing, bool kCache>
+template <typename Fmt, bool kSmoothing, bool kCache, bool kCoarse>
 BlockSums block_sums_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t len, float shift1,
                             float shift2, float* __restrict e1, float* __restrict e2) {
   using namespace avx512;
   constexpr int L = Fmt::kLanes;
   const int64_t words = len / L;
-  SumsAvx512<Fmt, kSmoothing, kCache> acc{z1, z2, words, set(shift1), set(shift2), e1, e2};
+  SumsAvx512<Fmt, kSmoothing, kCache, kCoarse> acc{z1, z2, words, set(shift1), set(shift2), e1, e2};
   int64_t k = 0;
   for (; k + 16 <= words; k += 16) {
     // here, not in step: GCC 12 leaves a prefetch inside it out of the code
@@ -710,7 +715,7 @@ inline void settle(float& m, double& s, double& t) {
 // while a pass has nothing present), and are raised to a block's maxima only where its sum
 // exceeds kLimit, where exp would come near overflow, which that block's sums then take again.
 // sigma_k comes from the blocks' sums of (z_k - shift) and their shifts.
-template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false, bool kCoarse = false>
 RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
                  const RowCache& cache = {}) {
   constexpr float kLimit = 0x1p90f;  // e^62: times |D| still far below FLT_MAX
@@ -730,7 +735,8 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
       constexpr bool kGuard = decltype(guard)::value;
 #if FASTRDROP_AVX512
       if constexpr (!kSoftcap && !kGuard) {
-        return block_sums_avx512<Fmt, kSmoothing, kCache>(b1, b2, len, shift1, shift2, e1, e2);
+        return block_sums_avx512<Fmt, kSmoothing, kCache, kCoarse>(b1, b2, len, shift1, shift2,
+                                                                    e1, e2);
       }
 #endif
       BlockSums b;
@@ -810,10 +816,10 @@ RowSums row_sums(const Elem<Fmt>* z1, const Elem<Fmt>* z2, const Options& o,
 // 2. log s_k, E_p[D] = t1 / s1, E_q[D] = t2 / s2, symKL = (E_p[D] - E_q[D]) / 2, 0 for a row
 //    with nothing present (both s_k are 0 only then);
 // 3. CE_k = (m_k - z_k[y]) + log s_k + eps (z_k[y] - m_k - sigma_k / V').
-template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false>
+template <typename Fmt, bool kSoftcap, bool kSmoothing, bool kCache = false, bool kCoarse = false>
 RowStats row_stats(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t y, const Options& o,
                    const RowCache& cache = {}) {
-  const RowSums u = row_sums<Fmt, kSoftcap, kSmoothing, kCache>(z1, z2, o, cache);
+  const RowSums u = row_sums<Fmt, kSoftcap, kSmoothing, kCache, kCoarse>(z1, z2, o, cache);
   RowStats r{};
   r.guarded = u.guarded;
   const double log_s1 = std::log(u.s1), log_s2 = std::log(u.s2);
@@ -981,9 +987,8 @@ void grads_avx512(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem
         p = _mm512_maskz_loadu_ps(m, e1 + l * words + k);
         q = _mm512_maskz_loadu_ps(m, e2 + l * words + k);
       } else {
-        constexpr int kDegree = kTableDegree<Fmt>;
-        p = exp<kDegree>(_mm512_sub_ps(_mm512_sub_ps(a[l], m1), log_s1), table);
-        q = exp<kDegree>(_mm512_sub_ps(_mm512_sub_ps(b[l], m2), log_s2), table);
+        p = exp<2>(_mm512_sub_ps(_mm512_sub_ps(a[l], m1), log_s1), table);
+        q = exp<2>(_mm512_sub_ps(_mm512_sub_ps(b[l], m2), log_s2), table);
         p_live = _mm512_cmp_ps_mask(p, zero, _CMP_GT_OQ);
         q_live = _mm512_cmp_ps_mask(q, zero, _CMP_GT_OQ);
         if constexpr (kSmoothing) {
@@ -1084,10 +1089,11 @@ void row_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fm
   }
   end_streams(o);
   if (label_local) {
-    constexpr int kDegree = Fmt::kExpDegree;
-    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp<kDegree>(label1 - f.m1 - f.log_s1),
-                               vexp<kDegree>(label2 - f.m2 - f.log_s2), label1, label2,
-                               label_here, f, o);
+    // degree 5 for every format: p_y - 1, as small as 1 - p_y for a likely label, takes p_y's
+    // error whole (the AVX-512 loops' exp of degree 2 is as fine)
+    label_grads<Fmt, kSoftcap>(dz1, dz2, y, vexp<5>(label1 - f.m1 - f.log_s1),
+                               vexp<5>(label2 - f.m2 - f.log_s2), label1, label2, label_here,
+                               f, o);
   }
 }
 
@@ -1150,12 +1156,13 @@ inline RowCache row_cache(int64_t vocab) {
 }
 
 // A row's stats, then its gradients from the exponentials that the stats pass kept: one exp per
-// entry and pass, and each row read twice while it is in cache. No softcap.
-template <typename Fmt, bool kSmoothing>
+// entry and pass, and each row read twice while it is in cache. No softcap. kInPlace: dz1, dz2
+// are z1, z2 (see SumsAvx512's kCoarse).
+template <typename Fmt, bool kSmoothing, bool kInPlace>
 RowStats stats_and_grads(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, Elem<Fmt>* dz2,
                          int64_t y, float c_ce1, float c_ce2, float c_kl, const Options& o) {
   const RowCache cache = row_cache(o.vocab);
-  const RowStats st = row_stats<Fmt, false, kSmoothing, true>(z1, z2, y, o, cache);
+  const RowStats st = row_stats<Fmt, false, kSmoothing, true, kInPlace>(z1, z2, y, o, cache);
   if (filled<Fmt>(st, dz1, dz2, o.vocab)) return st;
   if (st.guarded) {
     row_grads_cached<Fmt, kSmoothing, true>(z1, z2, dz1, dz2, y, st, c_ce1, c_ce2, c_kl, o, cache);
@@ -1216,9 +1223,13 @@ void forward(const Elem<Fmt>* z1, const Elem<Fmt>* z2, int64_t stride1, int64_t 
     if constexpr (!kSoftcap) {
       if (out.row_weight) {
         const float w = out.row_weight[row];
-        const RowStats st =
-            smoothing ? stats_and_grads<Fmt, true>(r1, r2, d1, d2, y, w, w, out.alpha * w, o)
-                      : stats_and_grads<Fmt, false>(r1, r2, d1, d2, y, w, w, out.alpha * w, o);
+        auto run = [&](auto smooth, auto in_place) {
+          return stats_and_grads<Fmt, smooth, in_place>(r1, r2, d1, d2, y, w, w, out.alpha * w, o);
+        };
+        const RowStats st = d1 == r1 ? smoothing ? run(std::true_type{}, std::true_type{})
+                                                 : run(std::false_type{}, std::true_type{})
+                            : smoothing ? run(std::true_type{}, std::false_type{})
+                                        : run(std::false_type{}, std::false_type{});
         store_row(st, parts, stats, n_rows, row);
         continue;
       }
