@@ -146,8 +146,8 @@ def frozen_gc():
     call's own allocations would otherwise set off collections that go through all of them
     (torch's, a compiled function's): one such took 1.3-1.6 ms inside one of the first timed
     calls of each benchmark process, where the in-place bf16 call at 256 x 32000 then measured
-    4.2-4.5 ms instead of 2.7 (Zen 4 host)."""
-    gc.collect()
+    4.2-4.5 ms instead of 2.7 (Zen 4 host). Collect before the warm-up calls that precede the
+    block, not at its start: the call after a whole collection took 0.5 ms more."""
     gc.freeze()
     try:
         yield
@@ -156,8 +156,9 @@ def frozen_gc():
 
 
 def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
-    """Seconds per call, one sample per call; inputs are prepared outside the timed region, and
-    the warm-up calls (compiling, say) come before frozen_gc."""
+    """Seconds per call, one sample per call; inputs are prepared outside the timed region. The
+    garbage collector collects before the warm-up calls, and skips what they made (compiled
+    graphs, say) and all that came before during the timed calls (frozen_gc)."""
     def seconds():
         fresh = fresh_inputs(case, provider, inputs)
         synchronize(device)
@@ -168,6 +169,7 @@ def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
         del out, fresh  # freed once the clock has stopped
         return elapsed
 
+    gc.collect()
     for _ in range(warmup):
         seconds()
     with frozen_gc():
