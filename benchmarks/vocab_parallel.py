@@ -10,6 +10,7 @@ the memory and the bytes are what they show.
 """
 
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -21,7 +22,7 @@ import torch.multiprocessing as mp
 
 import fastrdrop
 
-from benchmarks.measure import _current_rss, _peak_rss, _release_freed_memory
+from benchmarks.measure import _current_rss, _peak_rss, _release_freed_memory, frozen_gc
 
 
 def _slice_sizes(vocab, world):
@@ -57,18 +58,20 @@ def _rank(rank, world, port, n, vocab, repeats, out):
             return all_reduce(tensor, *args, **kwargs)
 
         dist.all_reduce = counting
+        gc.collect()  # before the warm-up calls (see frozen_gc)
         try:
             call()
         finally:
             dist.all_reduce = all_reduce
         times = []
-        for _ in range(repeats + 1):
-            dist.barrier()
-            start = time.perf_counter()
-            del_me = call()
-            dist.barrier()  # the slowest rank's time
-            times.append(time.perf_counter() - start)
-            del del_me
+        with frozen_gc():  # a collection in one rank would hold up the others
+            for _ in range(repeats + 1):
+                dist.barrier()
+                start = time.perf_counter()
+                del_me = call()
+                dist.barrier()  # the slowest rank's time
+                times.append(time.perf_counter() - start)
+                del del_me
         _release_freed_memory()
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
