@@ -147,12 +147,14 @@ def frozen_gc():
     (torch's, a compiled function's): one such took 1.3-1.6 ms inside one of the first timed
     calls of each benchmark process, where the in-place bf16 call at 256 x 32000 then measured
     4.2-4.5 ms instead of 2.7 (Zen 4 host). Collect before the warm-up calls that precede the
-    block, not at its start: the call after a whole collection took 0.5 ms more."""
+    block, not at its start: the call after a whole collection took 0.5 ms more. After the
+    block, what the frozen calls left in reference cycles is collected at once."""
     gc.freeze()
     try:
         yield
     finally:
         gc.unfreeze()
+        gc.collect()
 
 
 def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
