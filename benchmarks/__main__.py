@@ -257,8 +257,15 @@ def results_name(args, env) -> str:
     return "-".join(name)
 
 
-def _slug(name):
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
+def _slug(name, limit=64):
+    """Lower-case words joined by hyphens, without trademark signs ("Intel(R) Xeon(R)"), cut
+    between two words where longer than limit."""
+    words = re.sub(r"\((r|tm)\)", " ", name.lower())
+    slug = re.sub(r"[^a-z0-9]+", "-", words).strip("-")
+    if len(slug) <= limit:
+        return slug
+    head = slug[:limit + 1].rsplit("-", 1)[0]  # the words that fit whole
+    return head if len(head) <= limit else slug[:limit]  # one word longer than limit: cut
 
 
 if __name__ == "__main__":

@@ -163,6 +163,20 @@ def test_a_slice_gets_a_folder_of_its_own(argv, name):
     assert runner.results_name(runner.parse_args(argv), env) == name
 
 
+@pytest.mark.parametrize("device, name", [
+    ("Intel(R) Xeon(R) Processor (family 6, model 167), 2 threads",
+     "intel-xeon-processor-family-6-model-167-2-threads"),
+    ("AMD EPYC (family 25, model 17), 2 threads", "amd-epyc-family-25-model-17-2-threads"),
+    ("Intel(R) Xeon(R) Platinum 8480+ Processor with a long name (family 6, model 143), "
+     "112 threads", "intel-xeon-platinum-8480-processor-with-a-long-name-family-6"),
+    ("x" * 70, "x" * 64),
+])
+def test_a_device_names_its_folder_in_whole_words(device, name):
+    # a name cut at a fixed length had left "...-model-167-2-th" for the first
+    env = dict(device=device, date="2026-12-06T03:00")
+    assert runner.results_name(runner.parse_args([]), env) == f"{name}-2026-12-06"
+
+
 def test_compiled_cases_in_one_process_stay_compiled(monkeypatch):
     # The GPU runner measures every case in one process: each size added its graphs to the
     # earlier sizes' until Dynamo's recompile limit (8), and then the "compile" rows timed the
