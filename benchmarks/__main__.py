@@ -20,7 +20,9 @@ import torch
 from benchmarks import report, vocab_parallel
 from benchmarks.measure import (
     FAILED,
+    MAX_WARMUP_CALLS,
     MODES,
+    WARMUP_SECONDS,
     Case,
     environment,
     measure,
@@ -88,7 +90,9 @@ def parse_args(argv=None):
                         help="times the cases are timed in turn, the repeats split among them, "
                              "each row the median of all its calls: so that no one moment of a "
                              "shared machine sets a row (default: 3 on CPU, 1 on GPU)")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed calls first")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="untimed calls first, at least (more until they have run for "
+                             f"{WARMUP_SECONDS} s, {MAX_WARMUP_CALLS} at most)")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>, then the preset and the options given beyond it)")
     parser.add_argument("--no-plots", action="store_true")

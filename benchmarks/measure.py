@@ -157,10 +157,21 @@ def frozen_gc():
         gc.collect()
 
 
-def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
+# Warm-up calls go on past the --warmup count until they have run this long (at most
+# MAX_WARMUP_CALLS): the first calls of a process on a new copy of the logits each (the in-place
+# provider's inputs) ran slower, bf16 in place at 256 x 32000 from 3.1 ms to 2.4 ms over its
+# first ten or so calls (Intel Xeon host, docs/performance.md "The machine"), and two or three
+# timed calls a round after two warm-up calls fell in that part. A training loop runs thousands.
+WARMUP_SECONDS = 0.25
+MAX_WARMUP_CALLS = 50
+
+
+def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
+               warmup_seconds=WARMUP_SECONDS):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region. The
-    garbage collector collects before the warm-up calls, and skips what they made (compiled
-    graphs, say) and all that came before during the timed calls (frozen_gc)."""
+    warm-up calls come first: at least `warmup`, and more while they have run for less than
+    warmup_seconds. The garbage collector collects before them, and skips what they made
+    (compiled graphs, say) and all that came before during the timed calls (frozen_gc)."""
     def seconds():
         fresh = fresh_inputs(case, provider, inputs)
         synchronize(device)
@@ -172,8 +183,11 @@ def time_calls(fn, case, provider, inputs, target, device, repeats, warmup):
         return elapsed
 
     gc.collect()
-    for _ in range(warmup):
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or (calls < MAX_WARMUP_CALLS
+                             and time.perf_counter() - start < warmup_seconds):
         seconds()
+        calls += 1
     with frozen_gc():
         return [seconds() for _ in range(repeats)]
 
