@@ -166,6 +166,15 @@ WARMUP_SECONDS = 0.25
 MAX_WARMUP_CALLS = 50
 
 
+def warm_up(call, calls, seconds=WARMUP_SECONDS):
+    """call() at least `calls` times, and again while they have run for less than `seconds`
+    (MAX_WARMUP_CALLS times at most)."""
+    start, done = time.perf_counter(), 0
+    while done < calls or (done < MAX_WARMUP_CALLS and time.perf_counter() - start < seconds):
+        call()
+        done += 1
+
+
 def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
                warmup_seconds=WARMUP_SECONDS):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region. The
@@ -183,11 +192,7 @@ def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
         return elapsed
 
     gc.collect()
-    start, calls = time.perf_counter(), 0
-    while calls < warmup or (calls < MAX_WARMUP_CALLS
-                             and time.perf_counter() - start < warmup_seconds):
-        seconds()
-        calls += 1
+    warm_up(seconds, warmup, warmup_seconds)
     with frozen_gc():
         return [seconds() for _ in range(repeats)]
 

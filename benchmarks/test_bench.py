@@ -16,6 +16,7 @@ from benchmarks.measure import (
     frozen_gc,
     make_inputs,
     synchronize,
+    warm_up,
 )
 from benchmarks.providers import PROVIDERS
 
@@ -52,7 +53,7 @@ def test_rdrop(benchmark, name, mode, size):
     # I/O floor: read z1 and z2 once (fwd); also write dz1 and dz2 once (fwd+bwd)
     benchmark.extra_info.update(device=str(DEVICE), min_bytes=case.min_bytes(),
                                 torch=torch.__version__)
-    gc.collect()  # before the warm-up call (see frozen_gc)
-    timed(*setup()[0])
+    gc.collect()  # before the warm-up calls (see frozen_gc and warm_up)
+    warm_up(lambda: timed(*setup()[0]), 1)
     with frozen_gc():
         benchmark.pedantic(timed, setup=setup, rounds=5)
