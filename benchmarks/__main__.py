@@ -8,6 +8,7 @@ own.
 """
 
 import argparse
+import hashlib
 import itertools
 import json
 import re
@@ -91,8 +92,9 @@ def parse_args(argv=None):
                              "each row the median of all its calls: so that no one moment of a "
                              "shared machine sets a row (default: 3 on CPU, 1 on GPU)")
     parser.add_argument("--warmup", type=int, default=2,
-                        help="untimed calls first, at least (more until they have run for "
-                             f"{WARMUP_SECONDS} s, {MAX_WARMUP_CALLS} at most)")
+                        help="untimed calls first: this many, then more for "
+                             f"{WARMUP_SECONDS} s ({MAX_WARMUP_CALLS} in all at most); the "
+                             "vocabulary-parallel ranks (--worlds) make one")
     parser.add_argument("--out", type=Path, help="results folder (default: benchmarks/results/"
                         "<device>-<date>, then the preset and the options given beyond it)")
     parser.add_argument("--no-plots", action="store_true")
@@ -262,14 +264,17 @@ def results_name(args, env) -> str:
 
 
 def _slug(name, limit=64):
-    """Lower-case words joined by hyphens, without trademark signs ("Intel(R) Xeon(R)"), cut
-    between two words where longer than limit."""
+    """Lower-case words joined by hyphens, without trademark signs ("Intel(R) Xeon(R)"). Longer
+    than limit, the words that fit whole and a hash of the whole name: two names that differ
+    only at the end (a CPU's thread count) keep folders of their own."""
     words = re.sub(r"\((r|tm)\)", " ", name.lower())
-    slug = re.sub(r"[^a-z0-9]+", "-", words).strip("-")
+    slug = re.sub(r"[^a-z0-9]+", "-", words).strip("-") or "unnamed"
     if len(slug) <= limit:
         return slug
-    head = slug[:limit + 1].rsplit("-", 1)[0]  # the words that fit whole
-    return head if len(head) <= limit else slug[:limit]  # one word longer than limit: cut
+    tag = hashlib.sha1(slug.encode()).hexdigest()[:6]
+    room = limit - len(tag) - 1
+    head = slug[:room + 1].rsplit("-", 1)[0]  # the words that fit whole
+    return f"{head if len(head) <= room else slug[:room]}-{tag}"
 
 
 if __name__ == "__main__":

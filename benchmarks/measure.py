@@ -157,20 +157,24 @@ def frozen_gc():
         gc.collect()
 
 
-# Warm-up calls go on past the --warmup count until they have run this long (at most
-# MAX_WARMUP_CALLS): the first calls of a process on a new copy of the logits each (the in-place
-# provider's inputs) ran slower, bf16 in place at 256 x 32000 from 3.1 ms to 2.4 ms over its
-# first ten or so calls (Intel Xeon host, docs/performance.md "The machine"), and two or three
-# timed calls a round after two warm-up calls fell in that part. A training loop runs thousands.
+# Warm-up calls go on past the --warmup count for this long (MAX_WARMUP_CALLS in all at most):
+# the first calls of a process on a new copy of the logits each (the in-place provider's inputs)
+# ran slower, bf16 in place at 256 x 32000 from 3.1 ms to 2.4 ms over its first ten or so calls
+# (Intel Xeon host, docs/performance.md "The machine"; measured at that size only), and two or
+# three timed calls a round after two warm-up calls fell in that part. A training loop runs
+# thousands.
 WARMUP_SECONDS = 0.25
 MAX_WARMUP_CALLS = 50
 
 
-def warm_up(call, calls, seconds=WARMUP_SECONDS):
-    """call() at least `calls` times, and again while they have run for less than `seconds`
-    (MAX_WARMUP_CALLS times at most)."""
-    start, done = time.perf_counter(), 0
-    while done < calls or (done < MAX_WARMUP_CALLS and time.perf_counter() - start < seconds):
+def warm_up(call, calls, seconds=WARMUP_SECONDS, clock=time.perf_counter):
+    """call() `calls` times, then again until those further calls have run for `seconds`
+    (MAX_WARMUP_CALLS calls in all at most). The clock starts after the first `calls`, whose
+    first may compile or page memory in."""
+    for _ in range(calls):
+        call()
+    start, done = clock(), calls
+    while done < MAX_WARMUP_CALLS and clock() - start < seconds:
         call()
         done += 1
 

@@ -5,7 +5,6 @@ it from two halves. The options say which cases run."""
 
 import dataclasses
 import gc
-import itertools
 import json
 import subprocess
 
@@ -92,26 +91,33 @@ def test_timed_calls_skip_the_objects_made_before_them(monkeypatch):
     assert gc.get_freeze_count() == 0
 
 
-def test_warm_up_calls_go_on_for_a_while(monkeypatch):
+def test_warm_up_calls_go_on_for_a_while():
     # bf16 in place at 256 x 32000 went from 3.1 to 2.4 ms over the first ten or so calls of a
     # benchmark process (a new copy of the logits each): the two or three timed calls a round,
     # after two warm-up calls, fell in the slower part
+    now = [0.0]
+
+    def call():  # each takes 1/64 s on this clock
+        now[0] += 1 / 64
+
+    def calls(warm, seconds):
+        before = now[0]
+        measure.warm_up(call, warm, seconds, clock=lambda: now[0])
+        return round((now[0] - before) * 64)
+
+    assert calls(2, 0) == 2
+    assert calls(2, 0.25) == 2 + 16  # the clock starts after the first two
+    assert calls(2, 1e9) == measure.MAX_WARMUP_CALLS
+    assert calls(60, 1e9) == 60
+
+
+def test_the_runner_warms_up_before_timing():
     calls = []
     case = Case(8, 64, "float32", "eager", "fwd")
     inputs, target = measure.make_inputs(case, torch.device("cpu"))
-
-    def warm_up_calls(warmup_seconds):
-        calls.clear()
-        measure.time_calls(lambda *args: calls.append(1), case, measure.PROVIDERS["eager"],
-                           inputs, target, torch.device("cpu"), repeats=3, warmup=2,
-                           warmup_seconds=warmup_seconds)
-        return len(calls) - 3
-
-    assert warm_up_calls(0) == 2
-    assert warm_up_calls(1e9) == measure.MAX_WARMUP_CALLS
-    clock = itertools.count(step=0.01)  # 10 ms more at each reading
-    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
-    assert 2 < warm_up_calls(0.25) < measure.MAX_WARMUP_CALLS
+    measure.time_calls(lambda *args: calls.append(1), case, measure.PROVIDERS["eager"], inputs,
+                       target, torch.device("cpu"), repeats=3, warmup=2, warmup_seconds=1e9)
+    assert len(calls) == measure.MAX_WARMUP_CALLS + 3
 
 
 @pytest.mark.skipif(_native.unavailable_reason() is not None, reason="needs the native kernel")
@@ -189,15 +195,28 @@ def test_a_slice_gets_a_folder_of_its_own(argv, name):
 @pytest.mark.parametrize("device, name", [
     ("Intel(R) Xeon(R) Processor (family 6, model 167), 2 threads",
      "intel-xeon-processor-family-6-model-167-2-threads"),
+    ("Intel(R) Core(TM) i7-1185G7", "intel-core-i7-1185g7"),
     ("AMD EPYC (family 25, model 17), 2 threads", "amd-epyc-family-25-model-17-2-threads"),
-    ("Intel(R) Xeon(R) Platinum 8480+ Processor with a long name (family 6, model 143), "
-     "112 threads", "intel-xeon-platinum-8480-processor-with-a-long-name-family-6"),
-    ("x" * 70, "x" * 64),
+    ("b" * 62 + " c", "b" * 62 + "-c"),  # 64 characters: whole
+    ("(R)", "unnamed"),
 ])
 def test_a_device_names_its_folder_in_whole_words(device, name):
     # a name cut at a fixed length had left "...-model-167-2-th" for the first
     env = dict(device=device, date="2026-12-06T03:00")
     assert runner.results_name(runner.parse_args([]), env) == f"{name}-2026-12-06"
+
+
+def test_long_device_names_keep_folders_of_their_own():
+    # cut to whole words, two hosts that differ only in their thread counts shared a folder
+    long = "Intel(R) Xeon(R) Platinum 8480+ Processor with a long name (family 6, model 143), "
+    names = [runner.results_name(runner.parse_args([]), dict(device=long + threads,
+                                                             date="2026-12-06T03:00"))
+             for threads in ("112 threads", "8 threads")]
+    assert names[0] != names[1]
+    for name in names:
+        device = name.removesuffix("-2026-12-06")
+        assert len(device) <= 64
+        assert device.startswith("intel-xeon-platinum-8480-processor-with-a-long-name-")
 
 
 def test_compiled_cases_in_one_process_stay_compiled(monkeypatch):
