@@ -182,9 +182,9 @@ def warm_up(call, calls, seconds=WARMUP_SECONDS, clock=time.perf_counter):
 def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
                warmup_seconds=WARMUP_SECONDS):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region. The
-    warm-up calls come first: at least `warmup`, and more while they have run for less than
-    warmup_seconds. The garbage collector collects before them, and skips what they made
-    (compiled graphs, say) and all that came before during the timed calls (frozen_gc)."""
+    warm-up calls come first: `warmup` of them, then more for warmup_seconds (warm_up). The
+    garbage collector collects before them, and skips what they made (compiled graphs, say) and
+    all that came before during the timed calls (frozen_gc)."""
     def seconds():
         fresh = fresh_inputs(case, provider, inputs)
         synchronize(device)
