@@ -179,12 +179,22 @@ def warm_up(call, calls, seconds=WARMUP_SECONDS, clock=time.perf_counter):
         done += 1
 
 
+@contextlib.contextmanager
+def warmed_up(call, calls, seconds=WARMUP_SECONDS):
+    """The block of timed calls: the garbage collector collects, warm_up(call, calls, seconds)
+    runs, then the block runs frozen (frozen_gc)."""
+    gc.collect()
+    warm_up(call, calls, seconds)
+    with frozen_gc():
+        yield
+
+
 def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
                warmup_seconds=WARMUP_SECONDS):
     """Seconds per call, one sample per call; inputs are prepared outside the timed region. The
-    warm-up calls come first: `warmup` of them, then more for warmup_seconds (warm_up). The
-    garbage collector collects before them, and skips what they made (compiled graphs, say) and
-    all that came before during the timed calls (frozen_gc)."""
+    warm-up calls come first: `warmup` of them, then more for warmup_seconds. The garbage
+    collector collects before them, and skips what they made (compiled graphs, say) and all that
+    came before during the timed calls (warmed_up)."""
     def seconds():
         fresh = fresh_inputs(case, provider, inputs)
         synchronize(device)
@@ -195,9 +205,7 @@ def time_calls(fn, case, provider, inputs, target, device, repeats, warmup,
         del out, fresh  # freed once the clock has stopped
         return elapsed
 
-    gc.collect()
-    warm_up(seconds, warmup, warmup_seconds)
-    with frozen_gc():
+    with warmed_up(seconds, warmup, warmup_seconds):
         return [seconds() for _ in range(repeats)]
 
 

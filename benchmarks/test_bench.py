@@ -2,8 +2,6 @@
 forward+backward, one size per device (the runner ``python -m benchmarks`` sweeps the grid);
 the linear providers take hidden states of size H and a [V, H] weight."""
 
-import gc
-
 import pytest
 import torch
 
@@ -13,10 +11,9 @@ from benchmarks.measure import (
     call_once,
     check_against_eager,
     fresh_inputs,
-    frozen_gc,
     make_inputs,
     synchronize,
-    warm_up,
+    warmed_up,
 )
 from benchmarks.providers import PROVIDERS
 
@@ -53,7 +50,5 @@ def test_rdrop(benchmark, name, mode, size):
     # I/O floor: read z1 and z2 once (fwd); also write dz1 and dz2 once (fwd+bwd)
     benchmark.extra_info.update(device=str(DEVICE), min_bytes=case.min_bytes(),
                                 torch=torch.__version__)
-    gc.collect()  # before the warm-up calls (see frozen_gc and warm_up)
-    warm_up(lambda: timed(*setup()[0]), 1)
-    with frozen_gc():
+    with warmed_up(lambda: timed(*setup()[0]), 1):  # as the runner times its calls
         benchmark.pedantic(timed, setup=setup, rounds=5)
