@@ -1147,11 +1147,12 @@ void row_grads_cached(const Elem<Fmt>* z1, const Elem<Fmt>* z2, Elem<Fmt>* dz1, 
 }
 
 // This thread's RowCache for rows of `vocab` entries (kept between calls; 8 bytes per entry).
-// e1 and e2 start on 64-byte lines, and so do the vector loops' steps in them (each block's
-// lanes do, but in the last block of a row whose V is not a multiple of 32). malloc aligns a
-// vector to 16 bytes only, and off a line each 64-byte load and store of the exponentials
-// touches two lines: aligned, the kernel alone took 10-19% less time in place at 256 x 32000 bf16, 26-28% less at
-// 256 x 131072, 13-14% less at 256 x 32000 fp32 (Intel Xeon host, builds alternating).
+// e1 and e2 start on 64-byte lines, and so do the vector loops' steps in them, but for lane 1
+// of the last block of a 16-bit row whose V % 32 is neither 0 nor 1. malloc aligns a vector to
+// 16 bytes only, and off a line each 64-byte load and store of the exponentials touches two
+// lines: aligned, the kernel alone took 10-19% less time in place at 256 x 32000 bf16, 26-28%
+// less at 256 x 131072, 13-14% less at 256 x 32000 fp32 (Intel Xeon host, both builds in each
+// process, in random order).
 inline RowCache row_cache(int64_t vocab) {
   constexpr int64_t kLine = 64 / sizeof(float);
   thread_local std::vector<float> buffer;
